@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Every map of the object. Maps with LIBBPF_PIN_BY_NAME live under the pin
+ * directory the loader sets (default /sys/fs/bpf/ebpf_telemetry/) and are
+ * reused, counters intact, by the next load. Node-indexed maps hold node 0
+ * (this host), the peers 1..max_peers and the reserved `other` node; the
+ * loader sizes them from max_peers before load (DEFAULT_NODES here).
+ */
+#ifndef __MAPS_BPF_H
+#define __MAPS_BPF_H
+
+#include "telemetry.h"
+
+#define DEFAULT_NODES 257      /* max_peers 255 + host + other */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DEFAULT_NODES);
+	__type(key, __u32);
+	__type(value, struct hist);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rtt_hist_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DEFAULT_NODES);
+	__type(key, __u32);
+	__type(value, struct node_metrics);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_metrics_map SEC(".maps");
+
+/* configured peers: CIDR -> node id, longest prefix wins */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__type(key, struct peer_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_cidr_map SEC(".maps");
+
+/* automatic peers: remote address (prefixlen 128) -> node id */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DEFAULT_NODES);
+	__type(key, struct peer_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_addr_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEFAULT_NODES);
+	__type(key, __u32);
+	__type(value, struct peer_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_info_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct peer_alloc);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_alloc_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} settings_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 24);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+/* not pinned: per-CPU position in the 1-in-N sampling cycle, per type */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, EVENT_TYPES);
+	__type(key, __u32);
+	__type(value, __u64);
+} sample_ctr SEC(".maps");
+
+/* not pinned: a socket's node id, valid while generation matches */
+struct sock_peer {
+	__u32 node_id;
+	__u32 generation;
+	__u32 overflow;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_peer);
+} sock_peer_cache SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats_map, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline const struct settings *get_settings(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&settings_map, &zero);
+}
+
+#endif /* __MAPS_BPF_H */

@@ -1,0 +1,210 @@
+"""Build-time cffi builder for ``ebpf_telemetry._libbpf`` (API, out-of-line).
+
+The shared structs come from ``bpf/telemetry.h`` itself (the part between the
+SHARED markers), so the compiler checks that Python and the BPF object agree.
+Callbacks are ``extern "Python"``: no ``ffi.callback`` trampolines, so the
+agent runs under ``MemoryDenyWriteExecute=yes``. libbpf's log callback takes a
+``va_list``, which Python cannot take: a C shim formats it first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "bpf" / "telemetry.h"
+
+
+def shared_cdef(header: Path = HEADER) -> str:
+    text = header.read_text()
+    m = re.search(r"/\* SHARED BEGIN \*/(.*)/\* SHARED END \*/", text, re.S)
+    if not m:
+        raise SystemExit(f"{header}: no SHARED BEGIN/END block")
+    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    return body
+
+
+LIBBPF_CDEF = """
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef int __s32;
+typedef unsigned long long __u64;
+
+struct bpf_object;
+struct bpf_program;
+struct bpf_map;
+struct bpf_link;
+struct btf;
+struct ring_buffer;
+
+struct bpf_object_open_opts {
+    size_t sz;
+    const char *pin_root_path;
+    ...;
+};
+struct bpf_map_batch_opts {
+    size_t sz;
+    __u64 elem_flags;
+    __u64 flags;
+};
+struct bpf_test_run_opts {
+    size_t sz;
+    const void *ctx_in;
+    void *ctx_out;
+    __u32 ctx_size_in;
+    __u32 ctx_size_out;
+    __u32 retval;
+    ...;
+};
+struct bpf_map_info {
+    __u32 type;
+    __u32 id;
+    __u32 key_size;
+    __u32 value_size;
+    __u32 max_entries;
+    __u32 map_flags;
+    char name[16];
+    __u32 btf_id;
+    __u32 btf_key_type_id;
+    __u32 btf_value_type_id;
+    ...;
+};
+struct bpf_prog_info {
+    __u32 type;
+    __u32 id;
+    char name[16];
+    __u64 run_time_ns;
+    __u64 run_cnt;
+    ...;
+};
+struct btf_type {
+    __u32 name_off;
+    __u32 info;
+    __u32 size;
+};
+struct btf_member {
+    __u32 name_off;
+    __u32 type;
+    __u32 offset;
+};
+struct btf_enum {
+    __u32 name_off;
+    __s32 val;
+};
+struct btf_array {
+    __u32 type;
+    __u32 index_type;
+    __u32 nelems;
+};
+
+#define BPF_ANY 0
+#define BPF_NOEXIST 1
+#define BPF_EXIST 2
+
+struct bpf_object *bpf_object__open_file(const char *path,
+                                         const struct bpf_object_open_opts *opts);
+int bpf_object__load(struct bpf_object *obj);
+void bpf_object__close(struct bpf_object *obj);
+struct bpf_program *bpf_object__next_program(const struct bpf_object *obj,
+                                             struct bpf_program *prog);
+struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
+struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj,
+                                                     const char *name);
+struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
+
+const char *bpf_program__name(const struct bpf_program *prog);
+int bpf_program__set_autoload(struct bpf_program *prog, bool autoload);
+bool bpf_program__autoload(const struct bpf_program *prog);
+int bpf_program__fd(const struct bpf_program *prog);
+struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
+
+int bpf_link__pin(struct bpf_link *link, const char *path);
+int bpf_link__destroy(struct bpf_link *link);
+
+const char *bpf_map__name(const struct bpf_map *map);
+int bpf_map__fd(const struct bpf_map *map);
+int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
+const char *bpf_map__pin_path(const struct bpf_map *map);
+bool bpf_map__is_pinned(const struct bpf_map *map);
+
+int bpf_obj_get(const char *pathname);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys,
+                         void *values, __u32 *count, const struct bpf_map_batch_opts *opts);
+int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+int libbpf_num_possible_cpus(void);
+int libbpf_strerror(int err, char *buf, size_t size);
+
+struct btf *btf__load_vmlinux_btf(void);
+struct btf *btf__load_from_kernel_by_id(__u32 id);
+void btf__free(struct btf *btf);
+__u32 btf__type_cnt(const struct btf *btf);
+const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
+const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
+__s32 btf__find_by_name_kind(const struct btf *btf, const char *type_name, __u32 kind);
+
+typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                     const void *opts);
+int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+int ring_buffer__consume(struct ring_buffer *rb);
+void ring_buffer__free(struct ring_buffer *rb);
+
+extern "Python" void ebt_log_cb(int level, const char *msg);
+extern "Python" int ebt_ringbuf_cb(void *ctx, void *data, size_t size);
+void ebt_install_log(void);
+ring_buffer_sample_fn ebt_ringbuf_sample;
+"""
+
+C_SOURCE = """
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdbool.h>
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <bpf/libbpf.h>
+#include <bpf/bpf.h>
+#include <bpf/btf.h>
+#include "telemetry.h"
+
+static void ebt_log_cb(int level, const char *msg);
+static int ebt_ringbuf_cb(void *ctx, void *data, size_t size);
+
+/* libbpf hands its log a va_list: format it here, pass Python a string */
+static int ebt_print(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+    char buf[2048];
+
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    ebt_log_cb((int)level, buf);
+    return 0;
+}
+
+static void ebt_install_log(void)
+{
+    libbpf_set_print(ebt_print);
+}
+
+static ring_buffer_sample_fn ebt_ringbuf_sample = ebt_ringbuf_cb;
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(LIBBPF_CDEF + shared_cdef())
+ffibuilder.set_source(
+    "ebpf_telemetry._libbpf",
+    C_SOURCE,
+    libraries=["bpf"],
+    include_dirs=[str(HEADER.parent)],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
