@@ -5,11 +5,9 @@
 #include <bpf/bpf_helpers.h>
 #include "bits.bpf.h"
 
-#define SLOT_TEST_N 64
-
 struct slot_args {
-	__u64 values[SLOT_TEST_N];
-	__u32 slots[SLOT_TEST_N];
+	__u64 value;
+	__u32 slot;
 };
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -17,7 +15,6 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 SEC("syscall")
 int slot_of(struct slot_args *args)
 {
-	for (int i = 0; i < SLOT_TEST_N; i++)
-		args->slots[i] = value_to_slot(args->values[i]);
+	args->slot = value_to_slot(args->value);
 	return 0;
 }

@@ -161,6 +161,8 @@ void ring_buffer__free(struct ring_buffer *rb);
 extern "Python" void ebt_log_cb(int level, const char *msg);
 extern "Python" int ebt_ringbuf_cb(void *ctx, void *data, size_t size);
 void ebt_install_log(void);
+int mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+          const void *data);
 ring_buffer_sample_fn ebt_ringbuf_sample;
 """
 
@@ -168,6 +170,7 @@ C_SOURCE = """
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdbool.h>
+#include <sys/mount.h>
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <linux/btf.h>

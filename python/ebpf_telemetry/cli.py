@@ -1,0 +1,169 @@
+"""The command line: run, inspect, events, unload, doctor.
+
+Every expected failure is one line on stderr and exit status 1 (2 for usage);
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ebpf_telemetry import __version__
+from ebpf_telemetry.binding import TelemetryError
+from ebpf_telemetry.maps import DEFAULT_PIN_DIR, EVENT_TYPES, Pins, TelemetryEvent
+
+PROG = "ebpf-telemetry"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="eBPF node telemetry for Prometheus")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs (libbpf's too)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="load/attach (or reuse pins), write metrics every interval")
+    run.add_argument("--config", help="TOML config file")
+    run.add_argument("--node-name")
+    run.add_argument("--interval", type=_positive_float, help="seconds (default 5)")
+    run.add_argument("--textfile", help="the .prom file for node_exporter")
+    run.add_argument("--listen", help="also serve /metrics on HOST:PORT")
+    run.add_argument("--pin-dir")
+    run.add_argument("--once", action="store_true", help="one interval, one write, exit")
+
+    ins = sub.add_parser("inspect", help="print the pinned maps (no load, no attach)")
+    ins.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--node", type=int, help="one node id only")
+
+    ev = sub.add_parser("events", help="stream sampled events as JSON lines")
+    ev.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    ev.add_argument("--type", choices=sorted(EVENT_TYPES.values()))
+    ev.add_argument("--count", type=int, help="stop after N events")
+
+    un = sub.add_parser("unload", help="detach everything and remove the pins")
+    un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+
+    sub.add_parser("doctor", help="check that this machine can run the agent")
+    return p
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from ebpf_telemetry import config
+    from ebpf_telemetry.agent import Agent
+
+    overrides: dict[str, Any] = {
+        "node_name": a.node_name,
+        "interval_seconds": a.interval,
+        "textfile": a.textfile,
+        "listen": a.listen,
+        "pin_dir": a.pin_dir,
+    }
+    path = a.config
+    if path is None and os.path.exists(config.DEFAULT_CONFIG):
+        path = config.DEFAULT_CONFIG
+    cfg = config.load(path, overrides)
+    return Agent(cfg, path, overrides).run(once=a.once)
+
+
+def _require_pins(pin_dir: str) -> Pins:
+    pins = Pins(pin_dir)
+    if not pins.exists():
+        raise TelemetryError(f"nothing pinned at {pin_dir}: is `{PROG} run` running or run once?")
+    return pins
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ebpf_telemetry import report
+    from ebpf_telemetry.snapshot import take
+
+    with _require_pins(a.pin_dir) as pins:
+        snap = take(pins)
+    if a.node is not None and a.node not in snap.hists:
+        raise TelemetryError(f"no node {a.node} (ids 0..{max(snap.hists)})")
+    print(report.as_json(snap, a.node) if a.json else report.as_text(snap, a.node))
+    return 0
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    from ebpf_telemetry.events import EventReader, as_json
+
+    if a.count is not None and a.count <= 0:
+        raise TelemetryError("--count must be > 0")
+    _require_pins(a.pin_dir).close()
+    seen = 0
+
+    def on_event(e: TelemetryEvent) -> bool:
+        nonlocal seen
+        if a.type and e.type_name != a.type:
+            return True
+        print(as_json(e), flush=True)
+        seen += 1
+        return a.count is None or seen < a.count
+
+    reader = EventReader(a.pin_dir, on_event)
+    try:
+        while not reader.done:
+            reader.poll()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+    return 0
+
+
+def cmd_unload(a: argparse.Namespace) -> int:
+    from ebpf_telemetry import loader
+
+    removed = loader.unload(a.pin_dir)
+    print(f"removed {len(removed)} pins from {a.pin_dir}")
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from ebpf_telemetry import doctor
+
+    return doctor.run()
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "inspect": cmd_inspect,
+    "events": cmd_events,
+    "unload": cmd_unload,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from ebpf_telemetry import log
+
+    log.setup(a.verbose)
+    try:
+        return COMMANDS[a.command](a)
+    except TelemetryError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print(f"{PROG}: error: {e.filename or ''}: permission denied (run as root)", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Configuration: TOML file, then command-line flags on top; validated whole.
+
+Every problem is a ConfigError with one line naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ebpf_telemetry.binding import TelemetryError, lib
+from ebpf_telemetry.maps import DEFAULT_PIN_DIR
+
+DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/ebpf_telemetry.prom"
+DEFAULT_CONFIG = "/etc/ebpf-telemetry/config.toml"
+RESERVED_PEER = "other"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(TelemetryError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = field(default_factory=socket.gethostname)
+    interval_seconds: float = 5.0
+    pin_dir: str = DEFAULT_PIN_DIR
+    textfile: str = DEFAULT_TEXTFILE
+    listen: str | None = None
+    sample_rate: int = 100
+    max_peers: int = 255
+    debug_trace: bool = False
+    peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
+
+    @property
+    def listen_addr(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "node_name": (str,),
+    "interval_seconds": (int, float),
+    "pin_dir": (str,),
+    "textfile": (str,),
+    "listen": (str,),
+    "sample_rate": (int,),
+    "max_peers": (int,),
+    "debug_trace": (bool,),
+    "peers": (dict,),
+}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen: '{value}' is not HOST:PORT")
+    return host, int(port)
+
+
+def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...]]:
+    peers: dict[str, tuple[Network, ...]] = {}
+    owner: dict[Network, str] = {}
+    for name, cidrs in raw.items():
+        if not name or name == RESERVED_PEER or len(name.encode()) >= lib.PEER_NAME_LEN:
+            raise ConfigError(
+                f"{where}: peer name '{name}' must be 1..{lib.PEER_NAME_LEN - 1} bytes "
+                f"and not '{RESERVED_PEER}'"
+            )
+        if isinstance(cidrs, str):
+            cidrs = [cidrs]
+        if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs) or not cidrs:
+            raise ConfigError(f"{where}: peers.{name} must be a list of CIDR strings")
+        nets = []
+        for c in cidrs:
+            try:
+                net = ipaddress.ip_network(c, strict=True)
+            except ValueError as e:
+                raise ConfigError(f"{where}: peers.{name}: bad CIDR '{c}': {e}") from None
+            if net in owner:
+                raise ConfigError(
+                    f"{where}: CIDR {net} is listed under both '{owner[net]}' and '{name}'"
+                )
+            owner[net] = name
+            nets.append(net)
+        peers[name] = tuple(nets)
+    return peers
+
+
+def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -> Config:
+    cfg = base or Config()
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(Config)}
+    for key, val in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+        if val is None:
+            continue
+        want = _TYPES[key]
+        if isinstance(val, bool) and bool not in want or not isinstance(val, want):
+            names = " or ".join(t.__name__ for t in want)
+            raise ConfigError(f"{where}: {key} must be {names}, not {type(val).__name__}")
+        values[key] = parse_peers(val, where) if key == "peers" else val
+    cfg = replace(cfg, **values)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str) -> None:
+    if not cfg.interval_seconds > 0:
+        raise ConfigError(f"{where}: interval_seconds must be > 0")
+    if cfg.sample_rate < 0:
+        raise ConfigError(f"{where}: sample_rate must be >= 0 (0 turns events off)")
+    if not 1 <= cfg.max_peers <= lib.MAX_PEERS_LIMIT:
+        raise ConfigError(f"{where}: max_peers must be 1..{lib.MAX_PEERS_LIMIT}")
+    if len(cfg.peers) > cfg.max_peers:
+        raise ConfigError(f"{where}: {len(cfg.peers)} peers configured, max_peers {cfg.max_peers}")
+    if not cfg.node_name:
+        raise ConfigError(f"{where}: node_name must not be empty")
+    if cfg.listen:
+        parse_listen(cfg.listen)
+
+
+def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """The config file (if any) with flags (non-None overrides) on top."""
+    data: dict[str, Any] = {}
+    where = path or "defaults"
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    cfg = from_mapping(data, where)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return from_mapping(flags, "command line", cfg) if flags else cfg

@@ -1,0 +1,85 @@
+"""Hand the registry to Prometheus: an atomic textfile, and optionally /metrics.
+
+The textfile is written to a temporary file in the same directory (a name
+node_exporter ignores), fsynced, made 0644 and renamed over the old one: a
+reader sees the old file or the new one, never half of either; a full disk
+leaves the old file as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+from ebpf_telemetry.binding import TelemetryError
+
+
+class TextfileError(TelemetryError):
+    pass
+
+
+def check_textfile_path(path: str) -> None:
+    """Refuse a path that is a directory or a symlink (never followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise TextfileError(f"textfile {path} is a symlink; refusing to follow it")
+    if not stat.S_ISREG(st.st_mode):
+        raise TextfileError(f"textfile {path} exists and is not a regular file")
+
+
+def preflight(path: str) -> None:
+    """Fail at start, not at the first interval, on a textfile we cannot write."""
+    check_textfile_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise TextfileError(f"textfile directory {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TextfileError(f"textfile directory {directory} is not writable")
+
+
+def write_textfile(path: str, registry: CollectorRegistry) -> int:
+    """Write the exposition of registry to path atomically; bytes written."""
+    data = generate_latest(registry)
+    check_textfile_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TextfileError(f"cannot write textfile {path}: {e.strerror}") from None
+    return len(data)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> Any:
+    """Serve /metrics from registry on host:port (a daemon thread)."""
+    try:
+        return start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise TelemetryError(f"cannot listen on {host}:{port}: {e.strerror}") from None

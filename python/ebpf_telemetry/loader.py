@@ -1,0 +1,241 @@
+"""Load, attach and pin the BPF object; reuse what is pinned; unload.
+
+Pins (default /sys/fs/bpf/ebpf_telemetry/): every map by name, and one link
+per collector under links/. A pinned link keeps its program attached with
+no process holding it, so the kernel counts while no agent runs; `run`
+attaches only collectors whose link is missing and reuses the pinned maps
+as they are (counters continue).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import structlog
+
+from ebpf_telemetry import nodes
+from ebpf_telemetry.binding import BpfError, TelemetryError, check, check_ptr, ffi, lib
+from ebpf_telemetry.config import Config
+from ebpf_telemetry.maps import MAPS, PinnedMap, Pins
+
+log = structlog.get_logger("loader")
+
+NODE_MAPS = ("rtt_hist_map", "node_metrics_map", "peer_info_map", "peer_addr_map")
+BPFFS_ROOT = "/sys/fs/bpf"
+TRACEFS = "/sys/kernel/tracing"
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+
+@dataclass(frozen=True)
+class Collector:
+    """One measurement: a tp_btf program and its classic-tracepoint twin."""
+
+    name: str
+    btf_prog: str
+    tp_prog: str
+    tracepoint: str  # "category/name"
+
+    @property
+    def btf_typedef(self) -> str:
+        return "btf_trace_" + self.tracepoint.split("/")[1]
+
+
+COLLECTORS = (Collector("rtt", "tcp_probe_btf", "tcp_probe_tp", "tcp/tcp_probe"),)
+
+
+def object_path() -> str:
+    override = os.environ.get("EBPF_TELEMETRY_OBJECT")
+    if override:
+        return override
+    return str(resources.files("ebpf_telemetry") / "data" / "telemetry.bpf.o")
+
+
+# -- what the running kernel offers --------------------------------------------
+
+
+def btf_path() -> str:
+    """vmlinux BTF; EBPF_TELEMETRY_BTF points elsewhere (tests simulate no BTF)."""
+    return os.environ.get("EBPF_TELEMETRY_BTF", BTF_VMLINUX)
+
+
+def require_btf() -> None:
+    if not os.path.exists(btf_path()):
+        raise TelemetryError(
+            f"no kernel BTF at {btf_path()}: this kernel was built without "
+            "CONFIG_DEBUG_INFO_BTF, which CO-RE needs"
+        )
+
+
+def btf_typedefs(names: list[str]) -> set[str]:
+    """Which of these typedefs the kernel's BTF has (btf_trace_* for tp_btf)."""
+    btf = lib.btf__load_vmlinux_btf()
+    if btf == ffi.NULL:
+        return set()
+    try:
+        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), 8) > 0}
+    finally:
+        lib.btf__free(btf)
+
+
+def tracepoint_exists(tp: str) -> bool:
+    return os.path.isdir(os.path.join(TRACEFS, "events", tp))
+
+
+def plan() -> dict[str, str | None]:
+    """Collector -> "tp_btf", "tracepoint", or None (hook missing here)."""
+    have = btf_typedefs([c.btf_typedef for c in COLLECTORS])
+    out: dict[str, str | None] = {}
+    for c in COLLECTORS:
+        if c.btf_typedef in have:
+            out[c.name] = "tp_btf"
+        elif tracepoint_exists(c.tracepoint):
+            out[c.name] = "tracepoint"
+        else:
+            out[c.name] = None
+    return out
+
+
+# -- filesystems -----------------------------------------------------------------
+
+
+def mounted_fstype(path: str) -> str | None:
+    """Filesystem type of the mount holding path (longest mount point)."""
+    path = os.path.realpath(path)
+    best, fstype = "", None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, typ, *_ = line.split()
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, typ
+    return fstype
+
+
+def ensure_mount(target: str, fstype: str, options: str = "") -> None:
+    if mounted_fstype(target) == fstype:
+        return
+    os.makedirs(target, exist_ok=True)
+    if lib.mount(fstype.encode(), target.encode(), fstype.encode(), 0, options.encode()) != 0:
+        raise BpfError(f"{fstype} is not mounted at {target} and mounting it failed", ffi.errno)
+    log.info("mounted", fstype=fstype, target=target)
+
+
+def ensure_bpffs(pin_dir: str) -> None:
+    if mounted_fstype(os.path.dirname(pin_dir.rstrip("/")) or "/") != "bpf":
+        ensure_mount(BPFFS_ROOT, "bpf", "mode=0700")
+    if mounted_fstype(os.path.dirname(pin_dir.rstrip("/"))) != "bpf":
+        raise TelemetryError(f"pin dir {pin_dir} is not on a BPF filesystem (mount -t bpf)")
+    os.makedirs(os.path.join(pin_dir, "links"), mode=0o700, exist_ok=True)
+
+
+# -- load / attach ----------------------------------------------------------------
+
+
+def _check_existing(cfg: Config) -> None:
+    """Pinned maps must be ours, of this layout and size, before libbpf reuses them."""
+    want = cfg.max_peers + 2
+    for name in MAPS:
+        if not os.path.exists(os.path.join(cfg.pin_dir, name)):
+            continue
+        m = PinnedMap(cfg.pin_dir, name)
+        try:
+            if name in NODE_MAPS and m.max_entries != want:
+                raise TelemetryError(
+                    f"pinned maps hold {m.max_entries - 2} peers, config asks max_peers "
+                    f"{cfg.max_peers}: run `ebpf-telemetry unload` (resets counters) or keep "
+                    f"max_peers = {m.max_entries - 2}"
+                )
+        finally:
+            m.close()
+
+
+def link_path(pin_dir: str, c: Collector) -> str:
+    return os.path.join(pin_dir, "links", c.name)
+
+
+def attach(cfg: Config) -> dict[str, str]:
+    """Make every collector run, reusing pins; write peers and settings.
+
+    Returns collector -> how it runs ("tp_btf", "tracepoint", "pinned" when
+    reused as it was, "missing" when this kernel lacks its hook)."""
+    require_btf()
+    ensure_bpffs(cfg.pin_dir)
+    _check_existing(cfg)
+    state: dict[str, str] = {}
+    todo: dict[Collector, str] = {}
+    hooks = plan()
+    for c in COLLECTORS:
+        if os.path.exists(link_path(cfg.pin_dir, c)):
+            state[c.name] = "pinned"
+        elif hooks[c.name] is None:
+            log.warning("collector skipped: no hook on this kernel", collector=c.name, tracepoint=c.tracepoint)
+            state[c.name] = "missing"
+        else:
+            todo[c] = state[c.name] = str(hooks[c.name])
+    if todo or not Pins(cfg.pin_dir).exists():
+        _load_and_attach(cfg, todo)
+    with Pins(cfg.pin_dir) as pins:
+        nodes.apply(pins, cfg)
+    return state
+
+
+def _load_and_attach(cfg: Config, todo: dict[Collector, str]) -> None:
+    if "tracepoint" in todo.values():
+        ensure_mount(TRACEFS, "tracefs")
+    opts = ffi.new("struct bpf_object_open_opts *")
+    opts.sz = ffi.sizeof("struct bpf_object_open_opts")
+    pin_root = ffi.new("char[]", cfg.pin_dir.encode())
+    opts.pin_root_path = pin_root
+    path = object_path()
+    obj = check_ptr(lib.bpf_object__open_file(path.encode(), opts), f"cannot open {path}")
+    try:
+        for name in NODE_MAPS:
+            m = check_ptr(lib.bpf_object__find_map_by_name(obj, name.encode()), name)
+            check(lib.bpf_map__set_max_entries(m, cfg.max_peers + 2), f"size {name}")
+        chosen = {(c.btf_prog if how == "tp_btf" else c.tp_prog) for c, how in todo.items()}
+        prog = lib.bpf_object__next_program(obj, ffi.NULL)
+        while prog != ffi.NULL:
+            name = ffi.string(lib.bpf_program__name(prog)).decode()
+            check(lib.bpf_program__set_autoload(prog, name in chosen), f"autoload {name}")
+            prog = lib.bpf_object__next_program(obj, prog)
+        ret = lib.bpf_object__load(obj)
+        if ret < 0:
+            raise BpfError(f"loading {path} failed (see the libbpf log above)", ret)
+        for c, how in todo.items():
+            _attach_one(obj, c, c.btf_prog if how == "tp_btf" else c.tp_prog, cfg.pin_dir)
+            log.info("attached", collector=c.name, hook=how)
+    finally:
+        lib.bpf_object__close(obj)
+
+
+def _attach_one(obj: Any, c: Collector, prog_name: str, pin_dir: str) -> None:
+    prog = check_ptr(lib.bpf_object__find_program_by_name(obj, prog_name.encode()), prog_name)
+    link = check_ptr(lib.bpf_program__attach(prog), f"attach {prog_name}")
+    try:
+        check(lib.bpf_link__pin(link, link_path(pin_dir, c).encode()), f"pin link {c.name}")
+    finally:
+        lib.bpf_link__destroy(link)  # the pin keeps it attached
+
+
+def unload(pin_dir: str) -> list[str]:
+    """Detach every collector and remove every pin; what was removed."""
+    removed: list[str] = []
+    if not os.path.isdir(pin_dir):
+        raise TelemetryError(f"nothing pinned at {pin_dir}")
+    links = os.path.join(pin_dir, "links")
+    ours = [f"links/{c.name}" for c in COLLECTORS] + list(MAPS)
+    for name in ours:
+        path = os.path.join(pin_dir, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+            removed.append(name)
+    for d in (links, pin_dir):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise TelemetryError(f"{d}: {e.strerror} (pins not ours are left alone)") from None
+    return removed

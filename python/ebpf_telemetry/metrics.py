@@ -1,0 +1,207 @@
+"""Every metric we export: its definition (METRICS) and how it is made.
+
+`TelemetryCollector` is a prometheus_client custom collector: each cycle the
+agent hands it a Window (two snapshots) and it yields metric families from
+it; prometheus_client writes the exposition format. docs/metrics.md is
+generated from METRICS (see `python -m ebpf_telemetry.metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from ebpf_telemetry import __version__
+from ebpf_telemetry.histogram import cumulative_at_powers_of_two
+from ebpf_telemetry.maps import EVENT_TYPES
+from ebpf_telemetry.snapshot import HOST, Window
+
+US = 1e-6
+WINDOW_QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # as exposed (counters with _total)
+    kind: str  # counter, gauge, histogram
+    labels: tuple[str, ...]
+    help: str
+    source: str  # where the value comes from (docs)
+
+    @property
+    def family_name(self) -> str:
+        return self.name.removesuffix("_total") if self.kind == "counter" else self.name
+
+
+def _defs(*ds: MetricDef) -> dict[str, MetricDef]:
+    return {d.name: d for d in ds}
+
+
+METRICS = _defs(
+    MetricDef(
+        "ebpf_rtt_p50_milliseconds", "gauge", ("node",),
+        "Median TCP smoothed RTT over the last interval, all peers, milliseconds.",
+        "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
+    ),
+    MetricDef(
+        "ebpf_rtt_p99_milliseconds", "gauge", ("node",),
+        "99th percentile TCP smoothed RTT over the last interval, all peers, milliseconds.",
+        "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
+    ),
+    MetricDef(
+        "ebpf_tcp_rtt_seconds", "histogram", ("node", "peer"),
+        "TCP smoothed RTT (srtt) on every incoming segment, per peer node.",
+        "tcp_probe -> rtt_hist_map[peer] (log2x4 slots, le at 2^k us), node_metrics_map.rtt_sum",
+    ),
+    MetricDef(
+        "ebpf_tcp_rtt_window_seconds", "gauge", ("node", "peer", "quantile"),
+        "TCP smoothed RTT quantiles per peer over the last interval.",
+        "rtt_hist_map[peer] difference of two readings",
+    ),
+    MetricDef(
+        "ebpf_events_sampled_total", "counter", ("node", "type"),
+        "Events sent to the ring buffer (1 in sample_rate), by type.",
+        "stats_map[STAT_SAMPLED_BASE + type]",
+    ),
+    MetricDef(
+        "ebpf_events_lost_total", "counter", ("node",),
+        "Sampled events dropped because the ring buffer was full.",
+        "stats_map[STAT_EVENTS_LOST]",
+    ),
+    MetricDef(
+        "ebpf_peers_overflow_total", "counter", ("node",),
+        "Events counted under peer=\"other\" because the peer table was full.",
+        "stats_map[STAT_PEERS_OVERFLOW]",
+    ),
+    MetricDef(
+        "ebpf_telemetry_last_update_timestamp_seconds", "gauge", ("node",),
+        "Unix time of the agent's last collection.",
+        "agent clock",
+    ),
+    MetricDef(
+        "ebpf_telemetry_collect_duration_seconds", "gauge", ("node",),
+        "Time the last collection took to read the maps and compute.",
+        "agent clock",
+    ),
+    MetricDef(
+        "ebpf_telemetry_build_info", "gauge", ("version", "kernel"),
+        "Agent version and the kernel it runs on; always 1.",
+        "package version, uname -r",
+    ),
+)
+
+
+def _family(name: str) -> Metric:
+    d = METRICS[name]
+    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+           "histogram": HistogramMetricFamily}[d.kind]
+    return cls(d.family_name, d.help, labels=list(d.labels))
+
+
+class TelemetryCollector(Collector):
+    """Yields the families of the latest window handed to update()."""
+
+    def __init__(self, node_name: str) -> None:
+        self.node_name = node_name
+        self.window: Window | None = None
+        self.collect_seconds = 0.0
+
+    def update(self, window: Window, collect_seconds: float) -> None:
+        self.window, self.collect_seconds = window, collect_seconds
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.window
+        if w is None:
+            return
+        yield from self._rtt(w)
+        yield from self._agent(w)
+
+    def _peers(self, w: Window) -> Iterator[tuple[int, str]]:
+        """Peers to export: every named or allocated id, `other` once used."""
+        for node, label in sorted(w.cur.peers.items()):
+            if node != HOST and (label != "other" or w.cur.hist(node).count):
+                yield node, label
+
+    def _rtt(self, w: Window) -> Iterator[Metric]:
+        n = self.node_name
+        for q, name in ((0.5, "ebpf_rtt_p50_milliseconds"), (0.99, "ebpf_rtt_p99_milliseconds")):
+            fam = _family(name)
+            v = w.rtt_quantile_us(HOST, q)
+            if v is not None:
+                assert isinstance(fam, GaugeMetricFamily)
+                fam.add_metric([n], v / 1000.0)
+            yield fam
+        hist = _family("ebpf_tcp_rtt_seconds")
+        window = _family("ebpf_tcp_rtt_window_seconds")
+        assert isinstance(hist, HistogramMetricFamily) and isinstance(window, GaugeMetricFamily)
+        for node, peer in self._peers(w):
+            h = w.cur.hist(node)
+            buckets = [(floatToGoString(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
+            buckets.append(("+Inf", float(h.count)))
+            hist.add_metric([n, peer], buckets, w.cur.node(node).rtt_sum * US)
+            for q in WINDOW_QUANTILES:
+                v = w.rtt_quantile_us(node, q)
+                if v is not None:
+                    window.add_metric([n, peer, floatToGoString(q)], v * US)
+        yield hist
+        yield window
+
+    def _agent(self, w: Window) -> Iterator[Metric]:
+        n, st = self.node_name, w.cur.stats
+        sampled = _family("ebpf_events_sampled_total")
+        assert isinstance(sampled, CounterMetricFamily)
+        for t in EVENT_TYPES.values():
+            sampled.add_metric([n, t], st[f"sampled_{t}"])
+        yield sampled
+        for name, key in (("ebpf_events_lost_total", "events_lost"),
+                          ("ebpf_peers_overflow_total", "peers_overflow")):
+            fam = _family(name)
+            assert isinstance(fam, CounterMetricFamily)
+            fam.add_metric([n], st[key])
+            yield fam
+        for name, value in (("ebpf_telemetry_last_update_timestamp_seconds", w.cur.wall),
+                            ("ebpf_telemetry_collect_duration_seconds", self.collect_seconds)):
+            fam = _family(name)
+            assert isinstance(fam, GaugeMetricFamily)
+            fam.add_metric([n], value)
+            yield fam
+        info = _family("ebpf_telemetry_build_info")
+        assert isinstance(info, GaugeMetricFamily)
+        info.add_metric([__version__, platform.release()], 1)
+        yield info
+
+
+def markdown() -> str:
+    """docs/metrics.md, from METRICS."""
+    lines = [
+        "# Metrics",
+        "",
+        "Generated from `python/ebpf_telemetry/metrics.py` "
+        "(`python -m ebpf_telemetry.metrics > docs/metrics.md`); a test keeps them equal.",
+        "Units are base units (seconds, ratios); `node` is this host's name.",
+        "",
+        "| metric | type | labels | meaning | source |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for d in METRICS.values():
+        labels = ", ".join(f"`{x}`" for x in d.labels)
+        lines.append(f"| `{d.name}` | {d.kind} | {labels} | {d.help} | {d.source} |")
+    return os.linesep.join(lines) + os.linesep
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

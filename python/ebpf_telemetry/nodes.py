@@ -1,0 +1,116 @@
+"""The node table: which node id is which peer, in the kernel and in labels.
+
+Node 0 is this host. Configured peers get ids 1..N that stay the same across
+reloads for a name that stays (its counters continue); an id handed to a new
+name starts from zero. With no peers configured the kernel hands out one id
+per remote address itself (bpf/nodes.bpf.h). Id max_peers + 1 is `other`.
+Addresses are 16 bytes, IPv4 mapped as ::ffff:a.b.c.d, in one LPM trie.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ebpf_telemetry.binding import ffi, lib
+from ebpf_telemetry.config import RESERVED_PEER, Config, Network
+from ebpf_telemetry.maps import Pins
+
+HOST = lib.NODE_HOST
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def peer_key(net: Network) -> Any:
+    """struct peer_key for a network (IPv4 mapped into ::ffff:0:0/96)."""
+    key = ffi.new("struct peer_key *")
+    if isinstance(net, ipaddress.IPv4Network):
+        key.prefixlen = 96 + net.prefixlen
+        raw = b"\0" * 10 + b"\xff\xff" + net.network_address.packed
+    else:
+        key.prefixlen = net.prefixlen
+        raw = net.network_address.packed
+    ffi.memmove(key.addr, raw, 16)
+    return key
+
+
+def addr_text(raw: bytes) -> str:
+    a = ipaddress.IPv6Address(raw)
+    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+
+
+def peer_names(pins: Pins) -> dict[int, str]:
+    """node id -> peer label, for every id the table knows."""
+    m = pins["peer_info_map"]
+    n, vals = m.array_rows()
+    names: dict[int, str] = {}
+    for i in range(n):
+        v = vals[i]
+        if v.flags & lib.PEER_AUTO:
+            names[i] = addr_text(bytes(ffi.buffer(v.addr, 16)))
+        elif v.flags & (lib.PEER_NAMED | lib.PEER_OTHER):
+            names[i] = ffi.string(v.name).decode(errors="replace")
+    return names
+
+
+def _info(flags: int, name: str = "") -> Any:
+    info = ffi.new("struct peer_info *")
+    info.flags = flags
+    info.name = name.encode()
+    return info
+
+
+def _named_ids(pins: Pins) -> dict[str, int]:
+    m = pins["peer_info_map"]
+    n, vals = m.array_rows()
+    return {
+        ffi.string(vals[i].name).decode(): i
+        for i in range(n)
+        if vals[i].flags & lib.PEER_NAMED
+    }
+
+
+def assign_ids(current: dict[str, int], wanted: list[str], max_peers: int) -> dict[str, int]:
+    """Keep the id of every name that stays; give new names the lowest free ids."""
+    kept = {n: i for n, i in current.items() if n in wanted and 1 <= i <= max_peers}
+    free = (i for i in range(1, max_peers + 1) if i not in kept.values())
+    return {n: kept[n] if n in kept else next(free) for n in wanted}
+
+
+def apply(pins: Pins, cfg: Config) -> None:
+    """Write the configured peer table and settings; bump the generation so
+    sockets re-classify. Counters of ids that change hands are zeroed."""
+    old = pins.settings()
+    info_map, cidr_map, addr_map = pins["peer_info_map"], pins["peer_cidr_map"], pins["peer_addr_map"]
+    auto = not cfg.peers
+    other = cfg.max_peers + 1
+    current = _named_ids(pins)
+    ids = assign_ids(current, list(cfg.peers), cfg.max_peers)
+
+    stale = {i for n, i in current.items() if ids.get(n) != i}
+    if auto != bool(old.auto_peers) or not auto:
+        # leaving (or never in) auto mode: forget kernel-allocated addresses
+        stale |= {int(addr_map.lookup(ffi.new("struct peer_key *", k))[0]) for k in addr_map.keys("struct peer_key")}
+        for k in list(addr_map.keys("struct peer_key")):
+            addr_map.delete(ffi.new("struct peer_key *", k))
+        pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
+    for k in list(cidr_map.keys("struct peer_key")):
+        cidr_map.delete(ffi.new("struct peer_key *", k))
+    for node_id in stale - set(ids.values()):
+        info_map.update(ffi.new("__u32 *", node_id), _info(0))
+        pins.zero_node(node_id)
+    for name, node_id in ids.items():
+        if current.get(name) != node_id:
+            pins.zero_node(node_id)
+        info_map.update(ffi.new("__u32 *", node_id), _info(lib.PEER_NAMED, name))
+        for net in cfg.peers[name]:
+            cidr_map.update(peer_key(net), ffi.new("__u32 *", node_id))
+    info_map.update(ffi.new("__u32 *", other), _info(lib.PEER_OTHER, RESERVED_PEER))
+
+    s = ffi.new("struct settings *")
+    s.sample_rate = cfg.sample_rate
+    s.debug = int(cfg.debug_trace)
+    s.auto_peers = int(auto)
+    s.max_peers = cfg.max_peers
+    s.other_node = other
+    s.generation = old.generation + 1
+    pins["settings_map"].update(ffi.new("__u32 *", 0), s)

@@ -1,0 +1,80 @@
+"""`inspect`: the pinned maps as a per-node table with histogram bars, or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from ebpf_telemetry.histogram import slot_lower, slot_upper
+from ebpf_telemetry.maps import Hist
+from ebpf_telemetry.snapshot import HOST, Snapshot
+
+BAR_WIDTH = 40
+
+
+def node_label(snap: Snapshot, node: int) -> str:
+    return "host" if node == HOST else snap.peers.get(node, f"node {node}")
+
+
+def nodes_of(snap: Snapshot, only: int | None) -> list[int]:
+    if only is not None:
+        return [only]
+    return [n for n in sorted(snap.hists) if n == HOST or n in snap.peers or snap.hist(n).count]
+
+
+def _us(v: int) -> str:
+    for unit, scale in (("s", 1_000_000), ("ms", 1000)):
+        if v >= scale:
+            return f"{v / scale:g}{unit}"
+    return f"{v}us"
+
+
+def hist_bars(h: Hist, unit: str = "us") -> list[str]:
+    """runqlat-style rows: range, count, bar (only the populated span)."""
+    used = [i for i, c in enumerate(h.slots) if c]
+    if not used:
+        return []
+    top = max(h.slots)
+    rows = []
+    for s in range(used[0], used[-1] + 1):
+        c = h.slots[s]
+        bar = "*" * (round(BAR_WIDTH * c / top) if c else 0)
+        rng = f"{_us(slot_lower(s))} -> {_us(slot_upper(s) - 1)}"
+        rows.append(f"  {rng:>22} : {c:<10} |{bar:<{BAR_WIDTH}}|")
+    return rows
+
+
+def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
+    m, h = snap.node(node), snap.hist(node)
+    return {
+        "node_id": node,
+        "peer": node_label(snap, node),
+        "metrics": asdict(m),
+        "rtt_p50_us": h.quantile(0.5),
+        "rtt_p99_us": h.quantile(0.99),
+        "rtt_hist": {str(i): c for i, c in enumerate(h.slots) if c},
+    }
+
+
+def as_json(snap: Snapshot, only: int | None) -> str:
+    return json.dumps(
+        {"nodes": [node_dict(snap, n) for n in nodes_of(snap, only)], "stats": snap.stats},
+        indent=2,
+    )
+
+
+def as_text(snap: Snapshot, only: int | None) -> str:
+    out = []
+    for n in nodes_of(snap, only):
+        m, h = snap.node(n), snap.hist(n)
+        p50, p99 = h.quantile(0.5), h.quantile(0.99)
+        out.append(f"node {n} ({node_label(snap, n)})")
+        out.append(
+            f"  rtt samples {m.rtt_count}  mean {m.rtt_mean or 0:.0f} us  "
+            f"p50 {p50 or 0:.0f} us  p99 {p99 or 0:.0f} us  retrans {m.retrans_count}  "
+            f"drops {m.drop_count}"
+        )
+        out.extend(hist_bars(h))
+    out.append("stats " + " ".join(f"{k}={v}" for k, v in snap.stats.items()))
+    return "\n".join(out)

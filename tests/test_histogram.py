@@ -1,0 +1,125 @@
+"""The log2x4 scheme: properties in Python, and the kernel's slots equal Python's."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebpf_telemetry import histogram as h
+
+U33 = st.integers(min_value=0, max_value=(1 << 33) - 1)
+
+
+@given(U33)
+def test_value_lies_in_its_slot(v: int) -> None:
+    s = h.value_to_slot(v)
+    assert 0 <= s < h.MAX_SLOTS
+    assert h.slot_lower(s) <= v < h.slot_upper(s)
+
+
+@given(st.integers(min_value=4, max_value=h.MAX_SLOTS - 1))
+def test_bucket_width_at_most_a_quarter(s: int) -> None:
+    lo, hi = h.slot_lower(s), h.slot_upper(s)
+    assert hi > lo
+    assert (hi - lo) / lo <= 0.25
+
+
+def test_scheme_covers_more_than_an_hour_in_microseconds() -> None:
+    assert h.value_to_slot(3600 * 10**6) < h.MAX_SLOTS - 1
+    assert h.slot_upper(h.MAX_SLOTS - 2) > 3600 * 10**6
+    assert h.value_to_slot(1 << 40) == h.MAX_SLOTS - 1  # clamps, never out of range
+
+
+def test_slots_are_monotonic_and_contiguous() -> None:
+    for s in range(h.MAX_SLOTS - 1):
+        assert h.slot_upper(s) == h.slot_lower(s + 1)
+        assert h.value_to_slot(h.slot_lower(s)) == s
+
+
+def test_powers_of_two_are_slot_boundaries() -> None:
+    slots = [0] * h.MAX_SLOTS
+    for v in (1, 3, 5, 1000, 1023, 1024, 70_000):
+        slots[h.value_to_slot(v)] += 1
+    cum = dict(h.cumulative_at_powers_of_two(slots))
+    assert cum[1] == 0 and cum[2] == 1 and cum[4] == 2 and cum[8] == 3
+    assert cum[1024] == 5 and cum[2048] == 6 and cum[1 << 17] == 7
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    slots = [0] * h.MAX_SLOTS
+    s = h.value_to_slot(1000)  # [896, 1024)
+    slots[s] = 100
+    assert h.quantile(slots, 0.5) == pytest.approx(960)
+    assert h.quantile(slots, 0.5, mean=1010.0) == pytest.approx(1010)  # one bucket: the mean
+    assert h.quantile([0] * h.MAX_SLOTS, 0.5) is None
+    slots[h.value_to_slot(2000)] = 100  # two buckets: interpolation, mean ignored
+    assert h.slot_lower(s) <= h.quantile(slots, 0.25, mean=1.0) < h.slot_upper(s)
+
+
+@given(st.lists(U33, min_size=1, max_size=200), st.floats(min_value=0.01, max_value=1.0))
+def test_quantile_within_bucket_of_true_quantile(values: list[int], q: float) -> None:
+    slots = [0] * h.MAX_SLOTS
+    for v in values:
+        slots[h.value_to_slot(v)] += 1
+    est = h.quantile(slots, q)
+    assert est is not None
+    true = sorted(values)[max(0, -(-int(q * len(values) * 1e9) // int(1e9)) - 1)]
+    s = h.value_to_slot(true)
+    assert h.slot_lower(s) <= est <= h.slot_upper(s)
+
+
+# -- the kernel's value_to_slot, run with BPF_PROG_TEST_RUN on a syscall program
+
+N = 64
+TEST_OBJ = os.path.join(os.path.dirname(__file__), "..", "build", "slot_test.bpf.o")
+
+
+@pytest.fixture(scope="module")
+def kernel_slots():  # type: ignore[no-untyped-def]
+    from ebpf_telemetry.binding import check, check_ptr, ffi, lib
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to load BPF")
+    if not os.path.exists(TEST_OBJ):
+        pytest.skip(f"{TEST_OBJ} not built (make build)")
+    obj = check_ptr(lib.bpf_object__open_file(TEST_OBJ.encode(), ffi.NULL), "open")
+    check(lib.bpf_object__load(obj), "load slot_test")
+    prog = lib.bpf_object__find_program_by_name(obj, b"slot_of")
+    fd = lib.bpf_program__fd(prog)
+
+    buf = bytearray(16)  # struct slot_args { __u64 value; __u32 slot; }
+    opts = ffi.new("struct bpf_test_run_opts *")
+    opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+    opts.ctx_in = ffi.from_buffer(buf)
+    opts.ctx_size_in = len(buf)
+
+    def run(values: list[int]) -> list[int]:
+        out = []
+        for v in values:
+            struct.pack_into("<QI", buf, 0, v, 0)
+            check(lib.bpf_prog_test_run_opts(fd, opts), "test run")
+            out.append(struct.unpack_from("<I", buf, 8)[0])
+        return out
+
+    yield run
+    lib.bpf_object__close(obj)
+
+
+EDGES = sorted({0, 1, 2, 3, 4, 5, 7, 8, 15, 16, 1023, 1024, 1025}
+               | {(1 << e) + d for e in range(2, 64) for d in (-1, 0)} | {(1 << 64) - 1})
+
+
+def test_kernel_slots_equal_python_on_edges(kernel_slots) -> None:  # type: ignore[no-untyped-def]
+    for i in range(0, len(EDGES), N):
+        chunk = EDGES[i : i + N]
+        assert kernel_slots(chunk) == [h.value_to_slot(v) for v in chunk]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), min_size=1, max_size=N))
+def test_kernel_slots_equal_python(kernel_slots, values: list[int]) -> None:  # type: ignore[no-untyped-def]
+    assert kernel_slots(values) == [h.value_to_slot(v) for v in values]
