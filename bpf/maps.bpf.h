@@ -116,11 +116,13 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
+/* NULL until userspace has written the peer table and settings (generation 0) */
 static __always_inline const struct settings *get_settings(void)
 {
 	__u32 zero = 0;
+	const struct settings *s = bpf_map_lookup_elem(&settings_map, &zero);
 
-	return bpf_map_lookup_elem(&settings_map, &zero);
+	return s && s->generation ? s : NULL;
 }
 
 #endif /* __MAPS_BPF_H */

@@ -22,3 +22,49 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped in strict mode (EBPF_TELEMETRY_STRICT=1): {reason}"
+
+
+# -- kernel fixtures -------------------------------------------------------------
+
+import itertools  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+_pin_ids = itertools.count(1)
+
+
+def require_kernel() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root")
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("kernel tests need BTF (/sys/kernel/btf/vmlinux)")
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    """A fresh pin dir on bpffs for one test; everything in it is unloaded after."""
+    require_kernel()
+    from ebpf_telemetry import loader
+
+    d = f"/sys/fs/bpf/ebt-test-{os.getpid()}-{next(_pin_ids)}"
+    yield d
+    if os.path.isdir(d):
+        loader.unload(d)
+
+
+@pytest.fixture
+def make_config(pin_dir: str, tmp_path: Path) -> Any:
+    """make_config(**keys) -> Config with this test's pin dir and textfile."""
+    from ebpf_telemetry import config
+
+    def make(**keys: Any) -> config.Config:
+        base = {
+            "pin_dir": pin_dir,
+            "textfile": str(tmp_path / "ebpf_telemetry.prom"),
+            "node_name": "test-node",
+            "interval_seconds": 1,
+        }
+        return config.from_mapping({**base, **keys}, "test")
+
+    return make

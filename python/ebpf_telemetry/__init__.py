@@ -1,2 +1,3 @@
 """ebpf-telemetry: eBPF node telemetry for Prometheus."""
+
 __version__ = "0.1.0"

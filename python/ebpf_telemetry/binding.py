@@ -30,7 +30,7 @@ class BpfError(TelemetryError):
         super().__init__(f"{what}: {os.strerror(self.errno)} (errno {self.errno})")
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def ebt_log_cb(level: int, msg: Any) -> None:
     text = ffi.string(msg).decode(errors="replace").rstrip()
     if text:

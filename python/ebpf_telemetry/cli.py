@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except PermissionError as e:
-        print(f"{PROG}: error: {e.filename or ''}: permission denied (run as root)", file=sys.stderr)
+        print(
+            f"{PROG}: error: {e.filename or ''}: permission denied (run as root)", file=sys.stderr
+        )
         return 1
     except BrokenPipeError:
         return 0

@@ -9,7 +9,7 @@ import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 from ebpf_telemetry.binding import TelemetryError, lib
 from ebpf_telemetry.maps import DEFAULT_PIN_DIR
@@ -59,7 +59,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"listen: '{value}' is not HOST:PORT")
+        raise ConfigError(f"listen: {value!r} is not HOST:PORT")
     return host, int(port)
 
 
@@ -69,22 +69,22 @@ def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...
     for name, cidrs in raw.items():
         if not name or name == RESERVED_PEER or len(name.encode()) >= lib.PEER_NAME_LEN:
             raise ConfigError(
-                f"{where}: peer name '{name}' must be 1..{lib.PEER_NAME_LEN - 1} bytes "
+                f"{where}: peer name {name!r} must be 1..{lib.PEER_NAME_LEN - 1} bytes "
                 f"and not '{RESERVED_PEER}'"
             )
         if isinstance(cidrs, str):
             cidrs = [cidrs]
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs) or not cidrs:
-            raise ConfigError(f"{where}: peers.{name} must be a list of CIDR strings")
+            raise ConfigError(f"{where}: peers.{name!r} must be a list of CIDR strings")
         nets = []
         for c in cidrs:
             try:
                 net = ipaddress.ip_network(c, strict=True)
             except ValueError as e:
-                raise ConfigError(f"{where}: peers.{name}: bad CIDR '{c}': {e}") from None
+                raise ConfigError(f"{where}: peers.{name!r}: bad CIDR {c!r}: {e}") from None
             if net in owner:
                 raise ConfigError(
-                    f"{where}: CIDR {net} is listed under both '{owner[net]}' and '{name}'"
+                    f"{where}: CIDR {net} is listed under both {owner[net]!r} and {name!r}"
                 )
             owner[net] = name
             nets.append(net)
@@ -98,14 +98,14 @@ def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -
     known = {f.name for f in fields(Config)}
     for key, val in data.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}'")
+            raise ConfigError(f"{where}: unknown key {key!r}")
         if val is None:
             continue
         want = _TYPES[key]
-        if isinstance(val, bool) and bool not in want or not isinstance(val, want):
+        if (isinstance(val, bool) and bool not in want) or not isinstance(val, want):
             names = " or ".join(t.__name__ for t in want)
             raise ConfigError(f"{where}: {key} must be {names}, not {type(val).__name__}")
-        values[key] = parse_peers(val, where) if key == "peers" else val
+        values[key] = parse_peers(cast(dict[str, Any], val), where) if key == "peers" else val
     cfg = replace(cfg, **values)
     validate(cfg, where)
     return cfg

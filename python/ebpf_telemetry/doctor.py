@@ -41,26 +41,43 @@ def checks() -> Iterator[Check]:
     yield Check("kernel", (major, minor) >= (5, 15), rel, "needs Linux >= 5.15")
     caps = effective_caps()
     missing = [n for n, bit in CAPS.items() if not caps >> bit & 1]
-    yield Check("capabilities", not missing, "missing " + ", ".join(missing) if missing else
-                "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN", "run as root or grant them (see docs/deploy.md)")
+    yield Check(
+        "capabilities",
+        not missing,
+        "missing " + ", ".join(missing) if missing else "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN",
+        "run as root or grant them (see docs/deploy.md)",
+    )
     btf = loader.btf_path()
     yield Check("btf", os.path.exists(btf), btf, "kernel needs CONFIG_DEBUG_INFO_BTF=y")
     fs = loader.mounted_fstype(loader.BPFFS_ROOT)
-    yield Check("bpffs", fs == "bpf", f"{loader.BPFFS_ROOT} is {fs or 'not mounted'}",
-                "`mount -t bpf bpf /sys/fs/bpf` (run mounts it itself as root)",
-                fatal=False)
+    yield Check(
+        "bpffs",
+        fs == "bpf",
+        f"{loader.BPFFS_ROOT} is {fs or 'not mounted'}",
+        "`mount -t bpf bpf /sys/fs/bpf` (run mounts it itself as root)",
+        fatal=False,
+    )
     fs = loader.mounted_fstype(loader.TRACEFS)
-    yield Check("tracefs", fs == "tracefs", f"{loader.TRACEFS} is {fs or 'not mounted'}",
-                "`mount -t tracefs tracefs /sys/kernel/tracing` (needed for classic "
-                "tracepoints and trace_pipe; run mounts it when it needs it)", fatal=False)
+    yield Check(
+        "tracefs",
+        fs == "tracefs",
+        f"{loader.TRACEFS} is {fs or 'not mounted'}",
+        "`mount -t tracefs tracefs /sys/kernel/tracing` (needed for classic "
+        "tracepoints and trace_pipe; run mounts it when it needs it)",
+        fatal=False,
+    )
     obj = loader.object_path()
     yield Check("bpf object", os.path.exists(obj), obj, "reinstall the package (make build)")
     plan = loader.plan() if os.path.exists(btf) else {}
     for c in loader.COLLECTORS:
         how = plan.get(c.name)
-        yield Check(f"collector {c.name}", how is not None,
-                    f"{c.tracepoint} via {how}" if how else f"{c.tracepoint} not found",
-                    "this collector will be skipped", fatal=False)
+        yield Check(
+            f"collector {c.name}",
+            how is not None,
+            f"{c.tracepoint} via {how}" if how else f"{c.tracepoint} not found",
+            "this collector will be skipped",
+            fatal=False,
+        )
 
 
 def run() -> int:

@@ -13,7 +13,7 @@ from ebpf_telemetry.maps import EVENT_TYPES, PinnedMap, TelemetryEvent
 POLL_MS = 100  # the kernel wakes us only for large batches; poll on a timer too
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def ebt_ringbuf_cb(ctx: Any, data: Any, size: int) -> int:
     reader: EventReader = ffi.from_handle(ctx)
     return reader.deliver(bytes(ffi.buffer(data, size)))
@@ -37,9 +37,8 @@ class EventReader:
         return 0
 
     def poll(self) -> None:
-        for fn in (lambda: lib.ring_buffer__poll(self.rb, POLL_MS),
-                   lambda: lib.ring_buffer__consume(self.rb)):
-            ret = fn()
+        """Wait up to POLL_MS for a wake-up, then drain whatever is there."""
+        for ret in (lib.ring_buffer__poll(self.rb, POLL_MS), lib.ring_buffer__consume(self.rb)):
             if ret < 0 and ret != -4:  # EINTR
                 raise BpfError("ring buffer poll", ret)
 

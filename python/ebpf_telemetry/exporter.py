@@ -8,6 +8,7 @@ leaves the old file as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from typing import Any
@@ -58,7 +59,7 @@ def write_textfile(path: str, registry: CollectorRegistry) -> int:
             os.fchmod(fd, 0o644)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -69,10 +70,8 @@ def write_textfile(path: str, registry: CollectorRegistry) -> int:
         finally:
             os.close(dfd)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise TextfileError(f"cannot write textfile {path}: {e.strerror}") from None
     return len(data)
 

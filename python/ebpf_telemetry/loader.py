@@ -85,8 +85,12 @@ def tracepoint_exists(tp: str) -> bool:
 
 
 def plan() -> dict[str, str | None]:
-    """Collector -> "tp_btf", "tracepoint", or None (hook missing here)."""
-    have = btf_typedefs([c.btf_typedef for c in COLLECTORS])
+    """Collector -> "tp_btf", "tracepoint", or None (hook missing here).
+
+    EBPF_TELEMETRY_HOOK=tracepoint forces the classic tracepoints (tests of
+    the fallback; kernels whose tp_btf is broken)."""
+    forced = os.environ.get("EBPF_TELEMETRY_HOOK")
+    have = set() if forced == "tracepoint" else btf_typedefs([c.btf_typedef for c in COLLECTORS])
     out: dict[str, str | None] = {}
     for c in COLLECTORS:
         if c.btf_typedef in have:
@@ -170,14 +174,19 @@ def attach(cfg: Config) -> dict[str, str]:
         if os.path.exists(link_path(cfg.pin_dir, c)):
             state[c.name] = "pinned"
         elif hooks[c.name] is None:
-            log.warning("collector skipped: no hook on this kernel", collector=c.name, tracepoint=c.tracepoint)
+            log.warning(
+                "collector skipped: no hook on this kernel",
+                collector=c.name,
+                tracepoint=c.tracepoint,
+            )
             state[c.name] = "missing"
         else:
             todo[c] = state[c.name] = str(hooks[c.name])
     if todo or not Pins(cfg.pin_dir).exists():
-        _load_and_attach(cfg, todo)
-    with Pins(cfg.pin_dir) as pins:
-        nodes.apply(pins, cfg)
+        _load_and_attach(cfg, todo)  # writes settings between load and attach
+    else:
+        with Pins(cfg.pin_dir) as pins:
+            nodes.apply(pins, cfg)
     return state
 
 
@@ -203,6 +212,8 @@ def _load_and_attach(cfg: Config, todo: dict[Collector, str]) -> None:
         ret = lib.bpf_object__load(obj)
         if ret < 0:
             raise BpfError(f"loading {path} failed (see the libbpf log above)", ret)
+        with Pins(cfg.pin_dir) as pins:  # programs count nothing until this is written
+            nodes.apply(pins, cfg)
         for c, how in todo.items():
             _attach_one(obj, c, c.btf_prog if how == "tp_btf" else c.tp_prog, cfg.pin_dir)
             log.info("attached", collector=c.name, hook=how)

@@ -136,9 +136,7 @@ class PinnedMap:
     def _check(self) -> None:
         s, i = self.spec, self.info
         vsize = ffi.sizeof(s.value) if s.value else 0
-        if i.type != s.map_type or i.key_size != s.key_size or (
-            s.value and i.value_size != vsize
-        ):
+        if i.type != s.map_type or i.key_size != s.key_size or (s.value and i.value_size != vsize):
             raise LayoutError(
                 f"{self.path}: map type {i.type}, key {i.key_size} B, value {i.value_size} B; "
                 f"expected type {s.map_type}, key {s.key_size} B, value {vsize} B "
@@ -174,9 +172,10 @@ class PinnedMap:
             raise BpfError(f"delete in {self.path}", ffi.errno)
 
     def keys(self, ktype: str) -> Iterator[Any]:
+        """Every key, each a `ktype *` owning its memory."""
         prev, nxt = ffi.NULL, ffi.new(f"{ktype} *")
         while lib.bpf_map_get_next_key(self.fd, prev, nxt) == 0:
-            yield nxt[0]
+            yield nxt
             prev, nxt = nxt, ffi.new(f"{ktype} *")
 
     def array_rows(self, count: int | None = None) -> tuple[int, Any]:
@@ -186,7 +185,9 @@ class PinnedMap:
         vals = self._values(n)
         cnt = ffi.new("__u32 *", n)
         batch = ffi.new("__u32 *")
-        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        opts = ffi.new(
+            "struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")}
+        )
         ret = lib.bpf_map_lookup_batch(self.fd, ffi.NULL, batch, keys, vals, cnt, opts)
         if ret < 0 and ffi.errno != 2:  # ENOENT: reached the end, cnt is valid
             raise BpfError(f"batch lookup in {self.path}", ffi.errno)
@@ -335,9 +336,9 @@ class Pins:
         self.close()
 
     def settings(self) -> Any:
-        """struct settings (a cdata copy)."""
+        """A `struct settings *` that owns its memory (a copy of the map's)."""
         v = self["settings_map"].lookup(ffi.new("__u32 *", 0))
-        return v[0] if v is not None else ffi.new("struct settings *")[0]
+        return ffi.new("struct settings *", v[0] if v is not None else {})
 
     def stats(self) -> dict[str, int]:
         m = self["stats_map"]

@@ -50,63 +50,103 @@ def _defs(*ds: MetricDef) -> dict[str, MetricDef]:
 
 METRICS = _defs(
     MetricDef(
-        "ebpf_rtt_p50_milliseconds", "gauge", ("node",),
+        "ebpf_rtt_p50_milliseconds",
+        "gauge",
+        ("node",),
         "Median TCP smoothed RTT over the last interval, all peers, milliseconds.",
         "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
     ),
     MetricDef(
-        "ebpf_rtt_p99_milliseconds", "gauge", ("node",),
+        "ebpf_rtt_p99_milliseconds",
+        "gauge",
+        ("node",),
         "99th percentile TCP smoothed RTT over the last interval, all peers, milliseconds.",
         "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
     ),
     MetricDef(
-        "ebpf_tcp_rtt_seconds", "histogram", ("node", "peer"),
+        "ebpf_tcp_rtt_seconds",
+        "histogram",
+        ("node", "peer"),
         "TCP smoothed RTT (srtt) on every incoming segment, per peer node.",
         "tcp_probe -> rtt_hist_map[peer] (log2x4 slots, le at 2^k us), node_metrics_map.rtt_sum",
     ),
     MetricDef(
-        "ebpf_tcp_rtt_window_seconds", "gauge", ("node", "peer", "quantile"),
+        "ebpf_tcp_rtt_window_seconds",
+        "gauge",
+        ("node", "peer", "quantile"),
         "TCP smoothed RTT quantiles per peer over the last interval.",
         "rtt_hist_map[peer] difference of two readings",
     ),
     MetricDef(
-        "ebpf_events_sampled_total", "counter", ("node", "type"),
+        "ebpf_events_sampled_total",
+        "counter",
+        ("node", "type"),
         "Events sent to the ring buffer (1 in sample_rate), by type.",
         "stats_map[STAT_SAMPLED_BASE + type]",
     ),
     MetricDef(
-        "ebpf_events_lost_total", "counter", ("node",),
+        "ebpf_events_lost_total",
+        "counter",
+        ("node",),
         "Sampled events dropped because the ring buffer was full.",
         "stats_map[STAT_EVENTS_LOST]",
     ),
     MetricDef(
-        "ebpf_peers_overflow_total", "counter", ("node",),
-        "Events counted under peer=\"other\" because the peer table was full.",
+        "ebpf_peers_overflow_total",
+        "counter",
+        ("node",),
+        'Events counted under peer="other" because the peer table was full.',
         "stats_map[STAT_PEERS_OVERFLOW]",
     ),
     MetricDef(
-        "ebpf_telemetry_last_update_timestamp_seconds", "gauge", ("node",),
+        "ebpf_telemetry_last_update_timestamp_seconds",
+        "gauge",
+        ("node",),
         "Unix time of the agent's last collection.",
         "agent clock",
     ),
     MetricDef(
-        "ebpf_telemetry_collect_duration_seconds", "gauge", ("node",),
+        "ebpf_telemetry_collect_duration_seconds",
+        "gauge",
+        ("node",),
         "Time the last collection took to read the maps and compute.",
         "agent clock",
     ),
     MetricDef(
-        "ebpf_telemetry_build_info", "gauge", ("version", "kernel"),
+        "ebpf_telemetry_build_info",
+        "gauge",
+        ("version", "kernel"),
         "Agent version and the kernel it runs on; always 1.",
         "package version, uname -r",
     ),
 )
 
 
-def _family(name: str) -> Metric:
+def _go(x: float) -> str:
+    """A float as Prometheus writes it (le and quantile labels)."""
+    return str(floatToGoString(x))  # type: ignore[no-untyped-call]
+
+
+def _labels(name: str, kind: str) -> tuple[str, str, list[str]]:
     d = METRICS[name]
-    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
-           "histogram": HistogramMetricFamily}[d.kind]
-    return cls(d.family_name, d.help, labels=list(d.labels))
+    if d.kind != kind:
+        raise TypeError(f"{name} is a {d.kind}, not a {kind}")
+    return d.family_name, d.help, list(d.labels)
+
+
+def _gauge(name: str) -> GaugeMetricFamily:
+    n, h, labels = _labels(name, "gauge")
+    return GaugeMetricFamily(n, h, labels=labels)
+
+
+def _counter(name: str) -> CounterMetricFamily:
+    n, h, labels = _labels(name, "counter")
+    return CounterMetricFamily(n, h, labels=labels)
+
+
+def _histogram(name: str) -> HistogramMetricFamily:
+    n, h, labels = _labels(name, "histogram")
+    return HistogramMetricFamily(n, h, labels=labels)
 
 
 class TelemetryCollector(Collector):
@@ -139,48 +179,46 @@ class TelemetryCollector(Collector):
     def _rtt(self, w: Window) -> Iterator[Metric]:
         n = self.node_name
         for q, name in ((0.5, "ebpf_rtt_p50_milliseconds"), (0.99, "ebpf_rtt_p99_milliseconds")):
-            fam = _family(name)
+            fam = _gauge(name)
             v = w.rtt_quantile_us(HOST, q)
             if v is not None:
-                assert isinstance(fam, GaugeMetricFamily)
                 fam.add_metric([n], v / 1000.0)
             yield fam
-        hist = _family("ebpf_tcp_rtt_seconds")
-        window = _family("ebpf_tcp_rtt_window_seconds")
-        assert isinstance(hist, HistogramMetricFamily) and isinstance(window, GaugeMetricFamily)
+        hist = _histogram("ebpf_tcp_rtt_seconds")
+        window = _gauge("ebpf_tcp_rtt_window_seconds")
         for node, peer in self._peers(w):
             h = w.cur.hist(node)
-            buckets = [(floatToGoString(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
+            buckets = [(_go(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
             buckets.append(("+Inf", float(h.count)))
             hist.add_metric([n, peer], buckets, w.cur.node(node).rtt_sum * US)
             for q in WINDOW_QUANTILES:
                 v = w.rtt_quantile_us(node, q)
                 if v is not None:
-                    window.add_metric([n, peer, floatToGoString(q)], v * US)
+                    window.add_metric([n, peer, _go(q)], v * US)
         yield hist
         yield window
 
     def _agent(self, w: Window) -> Iterator[Metric]:
         n, st = self.node_name, w.cur.stats
-        sampled = _family("ebpf_events_sampled_total")
-        assert isinstance(sampled, CounterMetricFamily)
+        sampled = _counter("ebpf_events_sampled_total")
         for t in EVENT_TYPES.values():
             sampled.add_metric([n, t], st[f"sampled_{t}"])
         yield sampled
-        for name, key in (("ebpf_events_lost_total", "events_lost"),
-                          ("ebpf_peers_overflow_total", "peers_overflow")):
-            fam = _family(name)
-            assert isinstance(fam, CounterMetricFamily)
-            fam.add_metric([n], st[key])
-            yield fam
-        for name, value in (("ebpf_telemetry_last_update_timestamp_seconds", w.cur.wall),
-                            ("ebpf_telemetry_collect_duration_seconds", self.collect_seconds)):
-            fam = _family(name)
-            assert isinstance(fam, GaugeMetricFamily)
+        for name, key in (
+            ("ebpf_events_lost_total", "events_lost"),
+            ("ebpf_peers_overflow_total", "peers_overflow"),
+        ):
+            c = _counter(name)
+            c.add_metric([n], st[key])
+            yield c
+        for name, value in (
+            ("ebpf_telemetry_last_update_timestamp_seconds", w.cur.wall),
+            ("ebpf_telemetry_collect_duration_seconds", self.collect_seconds),
+        ):
+            fam = _gauge(name)
             fam.add_metric([n], value)
             yield fam
-        info = _family("ebpf_telemetry_build_info")
-        assert isinstance(info, GaugeMetricFamily)
+        info = _gauge("ebpf_telemetry_build_info")
         info.add_metric([__version__, platform.release()], 1)
         yield info
 

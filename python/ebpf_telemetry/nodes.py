@@ -63,9 +63,7 @@ def _named_ids(pins: Pins) -> dict[str, int]:
     m = pins["peer_info_map"]
     n, vals = m.array_rows()
     return {
-        ffi.string(vals[i].name).decode(): i
-        for i in range(n)
-        if vals[i].flags & lib.PEER_NAMED
+        ffi.string(vals[i].name).decode(): i for i in range(n) if vals[i].flags & lib.PEER_NAMED
     }
 
 
@@ -80,7 +78,11 @@ def apply(pins: Pins, cfg: Config) -> None:
     """Write the configured peer table and settings; bump the generation so
     sockets re-classify. Counters of ids that change hands are zeroed."""
     old = pins.settings()
-    info_map, cidr_map, addr_map = pins["peer_info_map"], pins["peer_cidr_map"], pins["peer_addr_map"]
+    info_map, cidr_map, addr_map = (
+        pins["peer_info_map"],
+        pins["peer_cidr_map"],
+        pins["peer_addr_map"],
+    )
     auto = not cfg.peers
     other = cfg.max_peers + 1
     current = _named_ids(pins)
@@ -89,12 +91,12 @@ def apply(pins: Pins, cfg: Config) -> None:
     stale = {i for n, i in current.items() if ids.get(n) != i}
     if auto != bool(old.auto_peers) or not auto:
         # leaving (or never in) auto mode: forget kernel-allocated addresses
-        stale |= {int(addr_map.lookup(ffi.new("struct peer_key *", k))[0]) for k in addr_map.keys("struct peer_key")}
         for k in list(addr_map.keys("struct peer_key")):
-            addr_map.delete(ffi.new("struct peer_key *", k))
+            stale.add(int(addr_map.lookup(k)[0]))
+            addr_map.delete(k)
         pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
     for k in list(cidr_map.keys("struct peer_key")):
-        cidr_map.delete(ffi.new("struct peer_key *", k))
+        cidr_map.delete(k)
     for node_id in stale - set(ids.values()):
         info_map.update(ffi.new("__u32 *", node_id), _info(0))
         pins.zero_node(node_id)
