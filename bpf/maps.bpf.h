@@ -29,6 +29,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_metrics_map SEC(".maps");
 
+/* run-queue latency: node 0 only (a per-node array to match rtt_hist_map) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hist);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} runqlat_hist_map SEC(".maps");
+
+/* packet drops by enum skb_drop_reason value */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} drop_reasons_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cpu_time);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cpu_time_map SEC(".maps");
+
 /* configured peers: CIDR -> node id, longest prefix wins */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -107,6 +133,22 @@ struct {
 	__type(key, int);
 	__type(value, struct sock_peer);
 } sock_peer_cache SEC(".maps");
+
+/* not pinned: when a task became runnable (tp_btf path: task storage) */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} task_enqueued SEC(".maps");
+
+/* not pinned: the same by pid, for the classic-tracepoint fallback */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u64);
+} pid_enqueued SEC(".maps");
 
 static __always_inline void stat_inc(__u32 idx)
 {

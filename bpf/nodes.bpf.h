@@ -68,6 +68,18 @@ static __always_inline __u32 peer_lookup(const struct settings *s, struct peer_k
 	return peer_alloc(s, key, overflow);
 }
 
+/* an existing peer of this address, or NODE_HOST; never allocates (drops) */
+static __always_inline __u32 peer_find(const struct settings *s, struct peer_key *key)
+{
+	__u32 *id;
+
+	if (s->auto_peers)
+		id = bpf_map_lookup_elem(&peer_addr_map, key);
+	else
+		id = bpf_map_lookup_elem(&peer_cidr_map, key);
+	return id ? *id : NODE_HOST;
+}
+
 /* tp_btf path: the socket's node id, cached in socket storage per generation */
 static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk, __u32 *overflow)
 {

@@ -12,95 +12,9 @@
 #include <bpf/bpf_endian.h>
 
 #include "telemetry.h"
-#include "bits.bpf.h"
-#include "maps.bpf.h"
-#include "nodes.bpf.h"
-#include "events.bpf.h"
+#include "rtt.bpf.h"
+#include "retrans.bpf.h"
+#include "drops.bpf.h"
+#include "sched.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-static __always_inline void hist_add(void *map, __u32 node, __u32 slot)
-{
-	struct hist *h = bpf_map_lookup_elem(map, &node);
-
-	if (h)
-		h->slots[slot & (MAX_SLOTS - 1)] += 1;
-}
-
-static __always_inline void metrics_add_rtt(__u32 node, __u64 us, __u64 now)
-{
-	struct node_metrics *m = bpf_map_lookup_elem(&node_metrics_map, &node);
-
-	if (!m)
-		return;
-	m->rtt_sum += us;
-	m->rtt_count += 1;
-	m->timestamp = now;
-}
-
-/* ---- RTT: smoothed RTT of the socket on every incoming segment ---- */
-
-static __always_inline void record_rtt(const struct settings *s, __u32 node, __u64 us,
-				       __u32 overflow, __u32 port)
-{
-	__u32 slot = value_to_slot(us);
-	__u64 now = bpf_ktime_get_ns();
-
-	hist_add(&rtt_hist_map, NODE_HOST, slot);
-	hist_add(&rtt_hist_map, node, slot);
-	metrics_add_rtt(NODE_HOST, us, now);
-	metrics_add_rtt(node, us, now);
-	if (overflow)
-		stat_inc(STAT_PEERS_OVERFLOW);
-	emit_event(s, EVENT_RTT, node, us, port);
-	if (s->debug)
-		bpf_printk("RTT event - Node: %u, Value: %llu us", node, us);
-}
-
-SEC("tp_btf/tcp_probe")
-int BPF_PROG(tcp_probe_btf, struct sock *sk, const struct sk_buff *skb)
-{
-	const struct settings *s = get_settings();
-	struct tcp_sock *tp;
-	__u32 node, overflow;
-
-	if (!s)
-		return 0;
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	node = sock_node(s, sk, &overflow);
-	record_rtt(s, node, tp->srtt_us >> 3, overflow, bpf_ntohs(sk->__sk_common.skc_dport));
-	return 0;
-}
-
-SEC("tracepoint/tcp/tcp_probe")
-int tcp_probe_tp(struct trace_event_raw_tcp_probe *ctx)
-{
-	const struct settings *s = get_settings();
-	struct peer_key key;
-	__u32 node, overflow, port;
-
-	if (!s)
-		return 0;
-	/* ctx->daddr is a sockaddr_in or sockaddr_in6; copy it off the ctx */
-	union {
-		struct sockaddr_in in;
-		struct sockaddr_in6 in6;
-	} sa;
-
-	if (bpf_probe_read_kernel(&sa, sizeof(sa), ctx->daddr))
-		return 0;
-	if (ctx->family == AF_INET) {
-		key_from_ipv4(&key, sa.in.sin_addr.s_addr);
-		port = sa.in.sin_port;
-	} else {
-		key.prefixlen = 128;
-		__builtin_memcpy(key.addr, &sa.in6.sin6_addr, ADDR_LEN);
-		port = sa.in6.sin6_port;
-	}
-	node = peer_lookup(s, &key, &overflow);
-	/* the tracepoint's srtt is already srtt_us >> 3 */
-	record_rtt(s, node, ctx->srtt, overflow, bpf_ntohs(port));
-	return 0;
-}

@@ -16,7 +16,9 @@
 #define MAX_PEERS_LIMIT 4094   /* hard ceiling for max_peers */
 #define PEER_NAME_LEN 60
 #define ADDR_LEN 16            /* IPv6, or IPv4 mapped as ::ffff:a.b.c.d */
-#define MAX_DROP_REASONS 1024
+#define MAX_DROP_REASONS 1024  /* drop_reasons_map index; subsystem reasons share the last */
+#define CPU_UTIL_PERIOD_NS 100000000
+#define CPU_UTIL_SCALE 10000   /* node_metrics.cpu_util: basis points of one CPU */
 
 /* event_type of struct telemetry_event */
 #define EVENT_RTT 1
@@ -78,6 +80,17 @@ struct peer_info {
 	__u8 addr[ADDR_LEN];   /* PEER_AUTO: the address */
 	__u32 flags;
 	char name[PEER_NAME_LEN];
+};
+
+/* per-CPU time split by the idle task (sched_switch), for CPU utilisation */
+struct cpu_time {
+	__u64 idle_ns;
+	__u64 busy_ns;
+	__u64 since;           /* ktime of the last idle<->busy change, 0: unknown */
+	__u32 idle;            /* 1 while the idle task runs */
+	__u32 pad;
+	__u64 period_start;    /* node_metrics.cpu_util covers this CPU's last */
+	__u64 period_busy;     /* completed period of >= CPU_UTIL_PERIOD_NS */
 };
 
 struct peer_alloc {

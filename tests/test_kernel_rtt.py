@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ebpf_telemetry import loader
-from ebpf_telemetry.events import EventReader
-from ebpf_telemetry.maps import Pins, TelemetryEvent
+from agentlab import EventDrain, attach, peer_id
+from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 from netlab import (
     DelayLine,
@@ -36,12 +34,6 @@ from netlab import (
 )
 
 
-def peer_id(snap: Snapshot, label: str) -> int:
-    ids = [i for i, name in snap.peers.items() if name == label]
-    assert ids, f"no peer {label!r} in {sorted(snap.peers.values())}"
-    return ids[0]
-
-
 def hist_counts(pins: Pins) -> tuple[Snapshot, dict[str, int]]:
     snap = take(pins)
     return snap, {label: snap.hist(i).count for i, label in snap.peers.items()}
@@ -51,12 +43,6 @@ def hist_counts(pins: Pins) -> tuple[Snapshot, dict[str, int]]:
 def lab() -> Iterator[tuple[Netns, Netns, Any]]:
     with Netns("a") as a, Netns("b") as b:
         yield a, b, veth_pair(a, b)
-
-
-def attach(cfg: Any) -> Pins:
-    state = loader.attach(cfg)
-    assert set(state.values()) <= {"tp_btf", "tracepoint"}, state
-    return Pins(cfg.pin_dir)
 
 
 def exchange(client_ns: Netns, server_ns: Netns, addr: str, count: int) -> None:
@@ -234,30 +220,16 @@ def test_bpftool_dumps_btf_formatted_values(make_config: Any) -> None:
 
 def test_events_carry_every_rtt_sample_at_rate_1(make_config: Any, lab: Any) -> None:
     a, b, veth = lab
-    got: list[TelemetryEvent] = []
     with attach(make_config(sample_rate=1, peers={"b": [f"{veth.v4_b}/32"]})) as pins:
         node = peer_id(take(pins), "b")
-        reader = EventReader(pins.pin_dir, lambda e: got.append(e) is None)
-        stop = threading.Event()
-
-        def drain() -> None:
-            while not stop.is_set():
-                reader.poll()
-
-        t = threading.Thread(target=drain)
-        t.start()
-        try:
+        with EventDrain(pins.pin_dir) as drain:
             exchange(a, b, veth.v4_b, 40)
             expected = take(pins).hist(node).count
-            wait_until(lambda: sum(e.node_id == node for e in got) >= expected, timeout=5)
-        finally:
-            stop.set()
-            t.join()
-            reader.close()
+            wait_until(lambda: sum(e.node_id == node for e in drain.events) >= expected, timeout=5)
         assert pins.stats()["events_lost"] == 0
-    mine = [e for e in got if e.node_id == node]
+    mine = [e for e in drain.events if e.node_id == node and e.event_type == 1]
     assert len(mine) == expected >= 40
-    assert all(e.event_type == 1 and 0 < e.value < 5000 for e in mine)
+    assert all(0 < e.value < 5000 for e in mine)
 
 
 def test_debug_trace_goes_to_trace_pipe(make_config: Any, lab: Any) -> None:

@@ -165,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug: still one line, the traceback with -v
+        if a.verbose:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {e} (-v shows where)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

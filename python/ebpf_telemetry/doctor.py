@@ -7,7 +7,7 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ebpf_telemetry import loader
+from ebpf_telemetry import btf, loader
 
 # capability bits (linux/capability.h)
 CAPS = {"CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
@@ -47,8 +47,8 @@ def checks() -> Iterator[Check]:
         "missing " + ", ".join(missing) if missing else "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN",
         "run as root or grant them (see docs/deploy.md)",
     )
-    btf = loader.btf_path()
-    yield Check("btf", os.path.exists(btf), btf, "kernel needs CONFIG_DEBUG_INFO_BTF=y")
+    btf_file = btf.btf_path()
+    yield Check("btf", os.path.exists(btf_file), btf_file, "kernel needs CONFIG_DEBUG_INFO_BTF=y")
     fs = loader.mounted_fstype(loader.BPFFS_ROOT)
     yield Check(
         "bpffs",
@@ -68,13 +68,14 @@ def checks() -> Iterator[Check]:
     )
     obj = loader.object_path()
     yield Check("bpf object", os.path.exists(obj), obj, "reinstall the package (make build)")
-    plan = loader.plan() if os.path.exists(btf) else {}
+    plan = loader.plan() if os.path.exists(btf_file) else {}
     for c in loader.COLLECTORS:
         how = plan.get(c.name)
+        tps = ", ".join(h.tracepoint for h in c.hooks)
         yield Check(
             f"collector {c.name}",
             how is not None,
-            f"{c.tracepoint} via {how}" if how else f"{c.tracepoint} not found",
+            f"{tps} via {how}" if how else f"{tps}: not all found",
             "this collector will be skipped",
             fatal=False,
         )

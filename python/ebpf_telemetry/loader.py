@@ -9,6 +9,7 @@ as they are (counters continue).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -16,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from ebpf_telemetry import nodes
+from ebpf_telemetry import btf, nodes
 from ebpf_telemetry.binding import BpfError, TelemetryError, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import MAPS, PinnedMap, Pins
@@ -26,24 +27,50 @@ log = structlog.get_logger("loader")
 NODE_MAPS = ("rtt_hist_map", "node_metrics_map", "peer_info_map", "peer_addr_map")
 BPFFS_ROOT = "/sys/fs/bpf"
 TRACEFS = "/sys/kernel/tracing"
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One tracepoint: its tp_btf program and its classic-tracepoint twin."""
+
+    tracepoint: str  # "category/name"
+    btf_prog: str
+    tp_prog: str
+
+    @property
+    def name(self) -> str:
+        return self.tracepoint.split("/")[1]
+
+    @property
+    def btf_typedef(self) -> str:
+        return "btf_trace_" + self.name
+
+    def prog(self, how: str) -> str:
+        return self.btf_prog if how == "tp_btf" else self.tp_prog
 
 
 @dataclass(frozen=True)
 class Collector:
-    """One measurement: a tp_btf program and its classic-tracepoint twin."""
+    """One measurement: hooks that run together, all tp_btf or all tracepoints."""
 
     name: str
-    btf_prog: str
-    tp_prog: str
-    tracepoint: str  # "category/name"
-
-    @property
-    def btf_typedef(self) -> str:
-        return "btf_trace_" + self.tracepoint.split("/")[1]
+    hooks: tuple[Hook, ...]
 
 
-COLLECTORS = (Collector("rtt", "tcp_probe_btf", "tcp_probe_tp", "tcp/tcp_probe"),)
+def _hook(tp: str) -> Hook:
+    n = tp.split("/")[1]
+    return Hook(tp, f"{n}_btf", f"{n}_tp")
+
+
+COLLECTORS = (
+    Collector("rtt", (_hook("tcp/tcp_probe"),)),
+    Collector("retrans", (_hook("tcp/tcp_retransmit_skb"), _hook("tcp/tcp_retransmit_synack"))),
+    Collector("drops", (_hook("skb/kfree_skb"),)),
+    Collector(
+        "sched",
+        (_hook("sched/sched_wakeup"), _hook("sched/sched_wakeup_new"), _hook("sched/sched_switch")),
+    ),
+)
 
 
 def object_path() -> str:
@@ -56,46 +83,23 @@ def object_path() -> str:
 # -- what the running kernel offers --------------------------------------------
 
 
-def btf_path() -> str:
-    """vmlinux BTF; EBPF_TELEMETRY_BTF points elsewhere (tests simulate no BTF)."""
-    return os.environ.get("EBPF_TELEMETRY_BTF", BTF_VMLINUX)
-
-
-def require_btf() -> None:
-    if not os.path.exists(btf_path()):
-        raise TelemetryError(
-            f"no kernel BTF at {btf_path()}: this kernel was built without "
-            "CONFIG_DEBUG_INFO_BTF, which CO-RE needs"
-        )
-
-
-def btf_typedefs(names: list[str]) -> set[str]:
-    """Which of these typedefs the kernel's BTF has (btf_trace_* for tp_btf)."""
-    btf = lib.btf__load_vmlinux_btf()
-    if btf == ffi.NULL:
-        return set()
-    try:
-        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), 8) > 0}
-    finally:
-        lib.btf__free(btf)
-
-
 def tracepoint_exists(tp: str) -> bool:
     return os.path.isdir(os.path.join(TRACEFS, "events", tp))
 
 
 def plan() -> dict[str, str | None]:
-    """Collector -> "tp_btf", "tracepoint", or None (hook missing here).
+    """Collector -> "tp_btf", "tracepoint", or None (a hook is missing here).
 
     EBPF_TELEMETRY_HOOK=tracepoint forces the classic tracepoints (tests of
     the fallback; kernels whose tp_btf is broken)."""
     forced = os.environ.get("EBPF_TELEMETRY_HOOK")
-    have = set() if forced == "tracepoint" else btf_typedefs([c.btf_typedef for c in COLLECTORS])
+    wanted = [h.btf_typedef for c in COLLECTORS for h in c.hooks]
+    have = set() if forced == "tracepoint" else btf.typedefs(wanted)
     out: dict[str, str | None] = {}
     for c in COLLECTORS:
-        if c.btf_typedef in have:
+        if all(h.btf_typedef in have for h in c.hooks):
             out[c.name] = "tp_btf"
-        elif tracepoint_exists(c.tracepoint):
+        elif all(tracepoint_exists(h.tracepoint) for h in c.hooks):
             out[c.name] = "tracepoint"
         else:
             out[c.name] = None
@@ -155,8 +159,12 @@ def _check_existing(cfg: Config) -> None:
             m.close()
 
 
-def link_path(pin_dir: str, c: Collector) -> str:
-    return os.path.join(pin_dir, "links", c.name)
+def link_path(pin_dir: str, h: Hook) -> str:
+    return os.path.join(pin_dir, "links", h.name)
+
+
+def linked(pin_dir: str, c: Collector) -> bool:
+    return all(os.path.exists(link_path(pin_dir, h)) for h in c.hooks)
 
 
 def attach(cfg: Config) -> dict[str, str]:
@@ -164,21 +172,18 @@ def attach(cfg: Config) -> dict[str, str]:
 
     Returns collector -> how it runs ("tp_btf", "tracepoint", "pinned" when
     reused as it was, "missing" when this kernel lacks its hook)."""
-    require_btf()
+    btf.require_btf()
     ensure_bpffs(cfg.pin_dir)
     _check_existing(cfg)
     state: dict[str, str] = {}
     todo: dict[Collector, str] = {}
     hooks = plan()
     for c in COLLECTORS:
-        if os.path.exists(link_path(cfg.pin_dir, c)):
+        if linked(cfg.pin_dir, c):
             state[c.name] = "pinned"
         elif hooks[c.name] is None:
-            log.warning(
-                "collector skipped: no hook on this kernel",
-                collector=c.name,
-                tracepoint=c.tracepoint,
-            )
+            tps = ",".join(h.tracepoint for h in c.hooks)
+            log.warning("collector skipped: no hook on this kernel", collector=c.name, hooks=tps)
             state[c.name] = "missing"
         else:
             todo[c] = state[c.name] = str(hooks[c.name])
@@ -203,7 +208,11 @@ def _load_and_attach(cfg: Config, todo: dict[Collector, str]) -> None:
         for name in NODE_MAPS:
             m = check_ptr(lib.bpf_object__find_map_by_name(obj, name.encode()), name)
             check(lib.bpf_map__set_max_entries(m, cfg.max_peers + 2), f"size {name}")
-        chosen = {(c.btf_prog if how == "tp_btf" else c.tp_prog) for c, how in todo.items()}
+        ring = os.environ.get("EBPF_TELEMETRY_RINGBUF_BYTES")  # tests: a ring that fills fast
+        if ring:
+            m = check_ptr(lib.bpf_object__find_map_by_name(obj, b"events"), "events")
+            check(lib.bpf_map__set_max_entries(m, int(ring)), "size events")
+        chosen = {h.prog(how) for c, how in todo.items() for h in c.hooks}
         prog = lib.bpf_object__next_program(obj, ffi.NULL)
         while prog != ffi.NULL:
             name = ffi.string(lib.bpf_program__name(prog)).decode()
@@ -215,17 +224,21 @@ def _load_and_attach(cfg: Config, todo: dict[Collector, str]) -> None:
         with Pins(cfg.pin_dir) as pins:  # programs count nothing until this is written
             nodes.apply(pins, cfg)
         for c, how in todo.items():
-            _attach_one(obj, c, c.btf_prog if how == "tp_btf" else c.tp_prog, cfg.pin_dir)
+            for h in c.hooks:
+                _attach_one(obj, h, h.prog(how), cfg.pin_dir)
             log.info("attached", collector=c.name, hook=how)
     finally:
         lib.bpf_object__close(obj)
 
 
-def _attach_one(obj: Any, c: Collector, prog_name: str, pin_dir: str) -> None:
+def _attach_one(obj: Any, h: Hook, prog_name: str, pin_dir: str) -> None:
     prog = check_ptr(lib.bpf_object__find_program_by_name(obj, prog_name.encode()), prog_name)
     link = check_ptr(lib.bpf_program__attach(prog), f"attach {prog_name}")
     try:
-        check(lib.bpf_link__pin(link, link_path(pin_dir, c).encode()), f"pin link {c.name}")
+        path = link_path(pin_dir, h)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a half-attached collector from a crash: replace it
+        check(lib.bpf_link__pin(link, path.encode()), f"pin link {h.name}")
     finally:
         lib.bpf_link__destroy(link)  # the pin keeps it attached
 
@@ -236,7 +249,7 @@ def unload(pin_dir: str) -> list[str]:
     if not os.path.isdir(pin_dir):
         raise TelemetryError(f"nothing pinned at {pin_dir}")
     links = os.path.join(pin_dir, "links")
-    ours = [f"links/{c.name}" for c in COLLECTORS] + list(MAPS)
+    ours = [f"links/{h.name}" for c in COLLECTORS for h in c.hooks] + list(MAPS)
     for name in ours:
         path = os.path.join(pin_dir, name)
         if os.path.lexists(path):

@@ -41,6 +41,9 @@ MAPS: dict[str, MapSpec] = {
     for s in (
         MapSpec("rtt_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
         MapSpec("node_metrics_map", MAP_PERCPU_ARRAY, 4, "struct node_metrics"),
+        MapSpec("runqlat_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
+        MapSpec("drop_reasons_map", MAP_PERCPU_ARRAY, 4, "__u64"),
+        MapSpec("cpu_time_map", MAP_PERCPU_ARRAY, 4, "struct cpu_time"),
         MapSpec("peer_cidr_map", MAP_LPM_TRIE, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_addr_map", MAP_HASH, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_info_map", MAP_ARRAY, 4, "struct peer_info"),
@@ -235,7 +238,8 @@ class Hist:
 
 @dataclass(frozen=True)
 class NodeMetrics:
-    """struct node_metrics, summed over CPUs (timestamp: the latest)."""
+    """struct node_metrics, summed over CPUs (timestamp: the latest; cpu_util:
+    the mean over CPUs, basis points of one CPU)."""
 
     rtt_sum: int = 0
     rtt_count: int = 0
@@ -255,7 +259,8 @@ class NodeMetrics:
             v = vals[base + c]
             for name in acc:
                 x = getattr(v, name)
-                acc[name] = max(acc[name], x) if name in cls.LATEST else acc[name] + x
+                acc[name] = max(acc[name], x) if name == "timestamp" else acc[name] + x
+        acc["cpu_util"] //= max(ncpu, 1)
         return cls(**acc)
 
     def since(self, prev: NodeMetrics) -> NodeMetrics:
@@ -270,6 +275,18 @@ class NodeMetrics:
     @property
     def rtt_mean(self) -> float | None:
         return self.rtt_sum / self.rtt_count if self.rtt_count else None
+
+
+@dataclass(frozen=True)
+class CpuTime:
+    """CPU time split by the idle task, summed over CPUs, nanoseconds."""
+
+    idle_ns: int = 0
+    busy_ns: int = 0
+
+    def utilization_since(self, prev: CpuTime) -> float | None:
+        idle, busy = self.idle_ns - prev.idle_ns, self.busy_ns - prev.busy_ns
+        return busy / (idle + busy) if idle + busy > 0 else None
 
 
 EVENT_TYPES = {1: "rtt", 2: "retrans", 3: "drop", 4: "runqlat"}
@@ -340,11 +357,40 @@ class Pins:
         v = self["settings_map"].lookup(ffi.new("__u32 *", 0))
         return ffi.new("struct settings *", v[0] if v is not None else {})
 
-    def stats(self) -> dict[str, int]:
-        m = self["stats_map"]
+    def counters(self, name: str) -> list[int]:
+        """A per-CPU array of __u64, summed over CPUs: one int per index."""
+        m = self[name]
         n, vals = m.array_rows()
-        per = [sum(vals[i * m.ncpu + c] for c in range(m.ncpu)) for i in range(n)]
-        return {name: per[idx] if idx < n else 0 for name, idx in STATS.items()}
+        return [sum(vals[i * m.ncpu + c] for c in range(m.ncpu)) for i in range(n)]
+
+    def stats(self) -> dict[str, int]:
+        per = self.counters("stats_map")
+        return {name: per[idx] if idx < len(per) else 0 for name, idx in STATS.items()}
+
+    def drops(self) -> dict[int, int]:
+        """drop reason value -> count, reasons seen only."""
+        return {r: c for r, c in enumerate(self.counters("drop_reasons_map")) if c}
+
+    def runqlat_hist(self) -> Hist:
+        m = self["runqlat_hist_map"]
+        _, vals = m.array_rows(1)
+        return Hist.from_percpu(vals, 0, m.ncpu)
+
+    def cpu_time(self, now_ns: int) -> CpuTime:
+        """Idle and busy ns over all CPUs, the running stretch included up to now_ns."""
+        m = self["cpu_time_map"]
+        _, vals = m.array_rows(1)
+        idle = busy = 0
+        for c in range(m.ncpu):
+            v = vals[c]
+            idle += v.idle_ns
+            busy += v.busy_ns
+            if v.since and now_ns > v.since:
+                if v.idle:
+                    idle += now_ns - v.since
+                else:
+                    busy += now_ns - v.since
+        return CpuTime(idle, busy)
 
     def node_rows(self) -> tuple[dict[int, Hist], dict[int, NodeMetrics]]:
         """Every node's RTT histogram and metrics: two batch look-ups."""

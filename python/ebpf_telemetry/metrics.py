@@ -22,9 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ebpf_telemetry import __version__
+from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.histogram import cumulative_at_powers_of_two
-from ebpf_telemetry.maps import EVENT_TYPES
+from ebpf_telemetry.maps import EVENT_TYPES, Hist
 from ebpf_telemetry.snapshot import HOST, Window
 
 US = 1e-6
@@ -72,10 +72,38 @@ METRICS = _defs(
     ),
     MetricDef(
         "ebpf_tcp_rtt_window_seconds",
-        "gauge",
+        "summary",
         ("node", "peer", "quantile"),
-        "TCP smoothed RTT quantiles per peer over the last interval.",
+        "TCP smoothed RTT per peer: quantiles over the last interval, _sum/_count cumulative.",
         "rtt_hist_map[peer] difference of two readings",
+    ),
+    MetricDef(
+        "ebpf_tcp_retransmits_total",
+        "counter",
+        ("node", "peer"),
+        "TCP segments retransmitted (as TcpRetransSegs counts them), per peer node.",
+        "tcp_retransmit_skb (segments, err == 0), tcp_retransmit_synack -> retrans_count",
+    ),
+    MetricDef(
+        "ebpf_packet_drops_total",
+        "counter",
+        ("node", "reason"),
+        "Packets the kernel dropped, by enum skb_drop_reason name (from the kernel's BTF).",
+        "skb:kfree_skb -> drop_reasons_map[reason]",
+    ),
+    MetricDef(
+        "ebpf_runqueue_latency_seconds",
+        "histogram",
+        ("node",),
+        "Time from a task becoming runnable (woken or preempted) to running on a CPU.",
+        "sched_wakeup/_new, sched_switch -> runqlat_hist_map (log2x4), runqlat_sum",
+    ),
+    MetricDef(
+        "ebpf_cpu_utilization_ratio",
+        "gauge",
+        ("node",),
+        "Share of CPU time not spent in the idle task over the last interval, all CPUs (0..1).",
+        "sched_switch to/from pid 0 -> cpu_time_map busy/idle ns",
     ),
     MetricDef(
         "ebpf_events_sampled_total",
@@ -127,6 +155,13 @@ def _go(x: float) -> str:
     return str(floatToGoString(x))  # type: ignore[no-untyped-call]
 
 
+def _buckets(h: Hist) -> list[tuple[str, float]]:
+    """Cumulative counts at le = 2^k microseconds (in seconds), then +Inf."""
+    out = [(_go(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
+    out.append(("+Inf", float(h.count)))
+    return out
+
+
 def _labels(name: str, kind: str) -> tuple[str, str, list[str]]:
     d = METRICS[name]
     if d.kind != kind:
@@ -142,6 +177,12 @@ def _gauge(name: str) -> GaugeMetricFamily:
 def _counter(name: str) -> CounterMetricFamily:
     n, h, labels = _labels(name, "counter")
     return CounterMetricFamily(n, h, labels=labels)
+
+
+def _summary(name: str) -> Metric:
+    """A summary with quantiles (SummaryMetricFamily cannot hold quantiles)."""
+    n, h, _ = _labels(name, "summary")
+    return Metric(n, h, "summary")
 
 
 def _histogram(name: str) -> HistogramMetricFamily:
@@ -168,6 +209,8 @@ class TelemetryCollector(Collector):
         if w is None:
             return
         yield from self._rtt(w)
+        yield from self._retrans_drops(w)
+        yield from self._sched(w)
         yield from self._agent(w)
 
     def _peers(self, w: Window) -> Iterator[tuple[int, str]]:
@@ -185,18 +228,42 @@ class TelemetryCollector(Collector):
                 fam.add_metric([n], v / 1000.0)
             yield fam
         hist = _histogram("ebpf_tcp_rtt_seconds")
-        window = _gauge("ebpf_tcp_rtt_window_seconds")
+        window = _summary("ebpf_tcp_rtt_window_seconds")
         for node, peer in self._peers(w):
-            h = w.cur.hist(node)
-            buckets = [(_go(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
-            buckets.append(("+Inf", float(h.count)))
-            hist.add_metric([n, peer], buckets, w.cur.node(node).rtt_sum * US)
+            m = w.cur.node(node)
+            hist.add_metric([n, peer], _buckets(w.cur.hist(node)), m.rtt_sum * US)
+            labels = {"node": n, "peer": peer}
             for q in WINDOW_QUANTILES:
                 v = w.rtt_quantile_us(node, q)
                 if v is not None:
-                    window.add_metric([n, peer, _go(q)], v * US)
+                    window.add_sample(window.name, {**labels, "quantile": _go(q)}, v * US)
+            window.add_sample(window.name + "_sum", labels, m.rtt_sum * US)
+            window.add_sample(window.name + "_count", labels, m.rtt_count)
         yield hist
         yield window
+
+    def _retrans_drops(self, w: Window) -> Iterator[Metric]:
+        n = self.node_name
+        retrans = _counter("ebpf_tcp_retransmits_total")
+        for node, peer in self._peers(w):
+            retrans.add_metric([n, peer], w.cur.node(node).retrans_count)
+        yield retrans
+        drops = _counter("ebpf_packet_drops_total")
+        names = btf.drop_reasons()
+        for reason, count in sorted(w.cur.drops.items()):
+            drops.add_metric([n, names.get(reason, str(reason))], count)
+        yield drops
+
+    def _sched(self, w: Window) -> Iterator[Metric]:
+        n, host = self.node_name, w.cur.node(HOST)
+        runq = _histogram("ebpf_runqueue_latency_seconds")
+        runq.add_metric([n], _buckets(w.cur.runqlat), host.runqlat_sum * US)
+        yield runq
+        util = _gauge("ebpf_cpu_utilization_ratio")
+        ratio = w.cpu_utilization
+        if ratio is not None:
+            util.add_metric([n], ratio)
+        yield util
 
     def _agent(self, w: Window) -> Iterator[Metric]:
         n, st = self.node_name, w.cur.stats

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from ebpf_telemetry import btf
 from ebpf_telemetry.histogram import slot_lower, slot_upper
 from ebpf_telemetry.maps import Hist
 from ebpf_telemetry.snapshot import HOST, Snapshot
@@ -57,9 +58,20 @@ def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
     }
 
 
+def drops_by_name(snap: Snapshot) -> dict[str, int]:
+    names = btf.drop_reasons()
+    return {names.get(r, str(r)): c for r, c in sorted(snap.drops.items(), key=lambda x: -x[1])}
+
+
 def as_json(snap: Snapshot, only: int | None) -> str:
     return json.dumps(
-        {"nodes": [node_dict(snap, n) for n in nodes_of(snap, only)], "stats": snap.stats},
+        {
+            "nodes": [node_dict(snap, n) for n in nodes_of(snap, only)],
+            "runqlat_hist": {str(i): c for i, c in enumerate(snap.runqlat.slots) if c},
+            "drops": drops_by_name(snap),
+            "cpu": asdict(snap.cpu),
+            "stats": snap.stats,
+        },
         indent=2,
     )
 
@@ -76,5 +88,16 @@ def as_text(snap: Snapshot, only: int | None) -> str:
             f"drops {m.drop_count}"
         )
         out.extend(hist_bars(h))
+    if only is None:
+        host = snap.node(HOST)
+        out.append(
+            f"run-queue latency  samples {host.runqlat_count}  "
+            f"p50 {snap.runqlat.quantile(0.5) or 0:.0f} us  "
+            f"p99 {snap.runqlat.quantile(0.99) or 0:.0f} us"
+        )
+        out.extend(hist_bars(snap.runqlat))
+        out.append("drops by reason")
+        out.extend(f"  {name:>28} : {c}" for name, c in drops_by_name(snap).items())
+        out.append(f"cpu  busy last 100ms {host.cpu_util / 100:.1f}% of one CPU (per-CPU mean)")
     out.append("stats " + " ".join(f"{k}={v}" for k, v in snap.stats.items()))
     return "\n".join(out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ebpf_telemetry.maps import Hist, NodeMetrics, Pins
+from ebpf_telemetry.maps import CpuTime, Hist, NodeMetrics, Pins
 from ebpf_telemetry.nodes import HOST, peer_names
 
 
@@ -21,6 +21,9 @@ class Snapshot:
     metrics: dict[int, NodeMetrics]
     stats: dict[str, int]
     peers: dict[int, str]  # node id -> peer label (node 0 is not a peer)
+    runqlat: Hist
+    drops: dict[int, int]  # enum skb_drop_reason value -> count
+    cpu: CpuTime
 
     def hist(self, node: int) -> Hist:
         return self.hists.get(node) or Hist.empty()
@@ -31,13 +34,17 @@ class Snapshot:
 
 def take(pins: Pins) -> Snapshot:
     hists, metrics = pins.node_rows()
+    now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
     return Snapshot(
-        monotonic=time.monotonic(),
+        monotonic=now / 1e9,
         wall=time.time(),
         hists=hists,
         metrics=metrics,
         stats=pins.stats(),
         peers=peer_names(pins),
+        runqlat=pins.runqlat_hist(),
+        drops=pins.drops(),
+        cpu=pins.cpu_time(now),
     )
 
 
@@ -57,6 +64,15 @@ class Window:
 
     def node(self, node: int) -> NodeMetrics:
         return self.cur.node(node).since(self.prev.node(node))
+
+    @property
+    def cpu_utilization(self) -> float | None:
+        return self.cur.cpu.utilization_since(self.prev.cpu)
+
+    def runqlat_quantile_us(self, q: float) -> float | None:
+        h = self.cur.runqlat.since(self.prev.runqlat)
+        n = self.node(HOST)
+        return h.quantile(q, n.runqlat_sum / n.runqlat_count if n.runqlat_count else None)
 
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
         """q-quantile of the RTT samples of this window, microseconds."""

@@ -1,0 +1,162 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Run-queue latency (sched_wakeup, sched_wakeup_new, sched_switch): the time
+ * from a task becoming runnable (woken, or preempted while running) to it
+ * running, in node 0. The enqueue time lives in task storage (tp_btf) or a
+ * pid hash (tracepoint fallback).
+ * CPU utilisation: sched_switch to or from the idle task (pid 0) splits each
+ * CPU's time into idle and busy (cpu_time_map); userspace takes the ratio
+ * over its interval.
+ */
+#ifndef __SCHED_BPF_H
+#define __SCHED_BPF_H
+
+#include "counters.bpf.h"
+#include "events.bpf.h"
+#include "bits.bpf.h"
+
+#define TASK_RUNNING 0
+
+static __always_inline void cpu_account(int prev_idle, int next_idle, __u64 now)
+{
+	__u32 zero = 0;
+	struct cpu_time *c;
+	struct node_metrics *m;
+	__u64 busy;
+
+	if (prev_idle == next_idle)
+		return;
+	c = bpf_map_lookup_elem(&cpu_time_map, &zero);
+	if (!c)
+		return;
+	if (c->since) {
+		if (prev_idle)
+			c->idle_ns += now - c->since;
+		else
+			c->busy_ns += now - c->since;
+	}
+	c->since = now;
+	c->idle = next_idle;
+	busy = c->busy_ns;
+	if (!c->period_start) {
+		c->period_start = now;
+		c->period_busy = busy;
+	} else if (now - c->period_start >= CPU_UTIL_PERIOD_NS) {
+		m = metrics(NODE_HOST);
+		if (m)
+			m->cpu_util = (busy - c->period_busy) * CPU_UTIL_SCALE / (now - c->period_start);
+		c->period_start = now;
+		c->period_busy = busy;
+	}
+}
+
+static __always_inline void record_runqlat(const struct settings *s, __u64 delta_ns, __u32 pid)
+{
+	__u64 us = delta_ns / 1000;
+	struct node_metrics *m;
+
+	hist_add(&runqlat_hist_map, NODE_HOST, value_to_slot(us));
+	m = metrics(NODE_HOST);
+	if (m) {
+		m->runqlat_sum += us;
+		m->runqlat_count += 1;
+	}
+	emit_event(s, EVENT_RUNQLAT, NODE_HOST, us, pid);
+}
+
+/* ---- tp_btf: task storage ---- */
+
+static __always_inline int enqueue_task(struct task_struct *p)
+{
+	__u64 *ts;
+
+	if (!p->pid)
+		return 0;
+	ts = bpf_task_storage_get(&task_enqueued, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (ts)
+		*ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(sched_wakeup_btf, struct task_struct *p)
+{
+	return enqueue_task(p);
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(sched_wakeup_new_btf, struct task_struct *p)
+{
+	return enqueue_task(p);
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	const struct settings *s = get_settings();
+	__u64 now = bpf_ktime_get_ns(), *ts;
+
+	if (!s)
+		return 0;
+	cpu_account(prev->pid == 0, next->pid == 0, now);
+	if (prev->pid && prev->__state == TASK_RUNNING) {
+		ts = bpf_task_storage_get(&task_enqueued, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (ts)
+			*ts = now;
+	}
+	if (!next->pid)
+		return 0;
+	ts = bpf_task_storage_get(&task_enqueued, next, 0, 0);
+	if (ts && *ts) {
+		record_runqlat(s, now - *ts, next->pid);
+		*ts = 0;
+	}
+	return 0;
+}
+
+/* ---- classic tracepoints: pid hash ---- */
+
+static __always_inline int enqueue_pid(__u32 pid)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	if (pid)
+		bpf_map_update_elem(&pid_enqueued, &pid, &now, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_wakeup")
+int sched_wakeup_tp(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	return enqueue_pid(ctx->pid);
+}
+
+SEC("tracepoint/sched/sched_wakeup_new")
+int sched_wakeup_new_tp(struct trace_event_raw_sched_wakeup_template *ctx)
+{
+	return enqueue_pid(ctx->pid);
+}
+
+SEC("tracepoint/sched/sched_switch")
+int sched_switch_tp(struct trace_event_raw_sched_switch *ctx)
+{
+	const struct settings *s = get_settings();
+	__u32 prev = ctx->prev_pid, next = ctx->next_pid;
+	__u64 now = bpf_ktime_get_ns(), *ts;
+
+	if (!s)
+		return 0;
+	cpu_account(prev == 0, next == 0, now);
+	if (prev && ctx->prev_state == TASK_RUNNING)
+		bpf_map_update_elem(&pid_enqueued, &prev, &now, BPF_ANY);
+	if (!next)
+		return 0;
+	ts = bpf_map_lookup_elem(&pid_enqueued, &next);
+	if (ts) {
+		record_runqlat(s, now - *ts, next);
+		bpf_map_delete_elem(&pid_enqueued, &next);
+	}
+	return 0;
+}
+
+#endif /* __SCHED_BPF_H */

@@ -1,0 +1,53 @@
+"""Helpers for kernel tests: attach into a test pin dir, find peers, drain events."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Any, Self
+
+from ebpf_telemetry import loader
+from ebpf_telemetry.events import EventReader
+from ebpf_telemetry.maps import Pins, TelemetryEvent
+from ebpf_telemetry.snapshot import Snapshot
+
+
+def attach(cfg: Any) -> Pins:
+    state = loader.attach(cfg)
+    assert set(state.values()) <= {"tp_btf", "tracepoint"}, state
+    return Pins(cfg.pin_dir)
+
+
+def peer_id(snap: Snapshot, label: str) -> int:
+    ids = [i for i, name in snap.peers.items() if name == label]
+    assert ids, f"no peer {label!r} in {sorted(snap.peers.values())}"
+    return ids[0]
+
+
+class EventDrain:
+    """Collect every event of the pinned ring buffer in a thread, until closed."""
+
+    def __init__(self, pin_dir: str) -> None:
+        self.events: list[TelemetryEvent] = []
+        self.reader = EventReader(pin_dir, self._on_event)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_event(self, e: TelemetryEvent) -> bool:
+        self.events.append(e)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.reader.poll()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.reader.close()
