@@ -127,3 +127,16 @@ def test_kernel_slots_equal_python_on_edges(kernel_slots) -> None:  # type: igno
 @given(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), min_size=1, max_size=N))
 def test_kernel_slots_equal_python(kernel_slots, values: list[int]) -> None:  # type: ignore[no-untyped-def]
     assert kernel_slots(values) == [h.value_to_slot(v) for v in values]
+
+
+def test_window_after_a_reset_is_the_new_reading() -> None:
+    from ebpf_telemetry.maps import CpuTime, Hist, NodeMetrics
+
+    old = Hist(tuple([5] * h.MAX_SLOTS))
+    new = Hist(tuple([1] + [0] * (h.MAX_SLOTS - 1)))
+    assert new.since(old) == new
+    assert Hist(tuple([6] * h.MAX_SLOTS)).since(old).count == h.MAX_SLOTS
+    assert NodeMetrics(rtt_count=3, rtt_sum=30).since(NodeMetrics(rtt_count=9, rtt_sum=90)) == (
+        NodeMetrics(rtt_count=3, rtt_sum=30)
+    )
+    assert CpuTime(10, 30).utilization_since(CpuTime(100, 100)) == 0.75

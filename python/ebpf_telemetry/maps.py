@@ -230,7 +230,9 @@ class Hist:
         return sum(self.slots)
 
     def since(self, prev: Hist) -> Hist:
-        return Hist(tuple(a - b for a, b in zip(self.slots, prev.slots, strict=True)))
+        """The samples added after prev; all of self if a slot went down (maps reset)."""
+        diff = tuple(a - b for a, b in zip(self.slots, prev.slots, strict=True))
+        return self if min(diff) < 0 else Hist(diff)
 
     def quantile(self, q: float, mean: float | None = None) -> float | None:
         return quantile(self.slots, q, mean)
@@ -264,6 +266,13 @@ class NodeMetrics:
         return cls(**acc)
 
     def since(self, prev: NodeMetrics) -> NodeMetrics:
+        """Counters added after prev; all of self if one went down (maps reset)."""
+        if any(
+            getattr(self, f.name) < getattr(prev, f.name)
+            for f in fields(self)
+            if f.name not in self.LATEST
+        ):
+            return self
         return NodeMetrics(
             **{
                 f.name: getattr(self, f.name)
@@ -286,6 +295,8 @@ class CpuTime:
 
     def utilization_since(self, prev: CpuTime) -> float | None:
         idle, busy = self.idle_ns - prev.idle_ns, self.busy_ns - prev.busy_ns
+        if idle < 0 or busy < 0:  # maps reset in between
+            idle, busy = self.idle_ns, self.busy_ns
         return busy / (idle + busy) if idle + busy > 0 else None
 
 
