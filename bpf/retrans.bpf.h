@@ -50,6 +50,22 @@ static __always_inline void key_from_raw(struct peer_key *key, __u16 family, con
 	}
 }
 
+/* the paths without a socket cache: classify the remote address, count */
+static __always_inline int retrans_to(const void *v4, const void *v6, __u16 family, __u32 segs,
+				      __u32 state, int err)
+{
+	const struct settings *s = get_settings();
+	struct peer_key key;
+	__u32 node, overflow;
+
+	if (!s || err)
+		return 0;
+	key_from_raw(&key, family, v4, v6);
+	node = peer_lookup(s, &key, &overflow);
+	record_retrans(s, node, overflow, segs, state);
+	return 0;
+}
+
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(tcp_retransmit_skb_btf, const struct sock *sk, const struct sk_buff *skb, int err)
 {
@@ -66,47 +82,22 @@ int BPF_PROG(tcp_retransmit_skb_btf, const struct sock *sk, const struct sk_buff
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int tcp_retransmit_skb_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
 {
-	const struct settings *s = get_settings();
-	struct peer_key key;
-	__u32 node, overflow;
-
-	if (!s || ctx->err)
-		return 0;
-	key_from_raw(&key, ctx->family, ctx->daddr, ctx->daddr_v6);
-	node = peer_lookup(s, &key, &overflow);
-	record_retrans(s, node, overflow, tcp_pcount(ctx->skbaddr), ctx->state);
-	return 0;
+	return retrans_to(ctx->daddr, ctx->daddr_v6, ctx->family, tcp_pcount(ctx->skbaddr),
+			  ctx->state, ctx->err);
 }
 
 SEC("tp_btf/tcp_retransmit_synack")
 int BPF_PROG(tcp_retransmit_synack_btf, const struct sock *sk, const struct request_sock *req)
 {
-	const struct settings *s = get_settings();
 	const struct sock_common *c = &req->__req_common;
-	struct peer_key key;
-	__u32 node, overflow;
 
-	if (!s)
-		return 0;
-	key_from_raw(&key, c->skc_family, &c->skc_daddr, &c->skc_v6_daddr);
-	node = peer_lookup(s, &key, &overflow);
-	record_retrans(s, node, overflow, 1, TCP_SYN_RECV);
-	return 0;
+	return retrans_to(&c->skc_daddr, &c->skc_v6_daddr, c->skc_family, 1, TCP_SYN_RECV, 0);
 }
 
 SEC("tracepoint/tcp/tcp_retransmit_synack")
 int tcp_retransmit_synack_tp(struct trace_event_raw_tcp_retransmit_synack *ctx)
 {
-	const struct settings *s = get_settings();
-	struct peer_key key;
-	__u32 node, overflow;
-
-	if (!s)
-		return 0;
-	key_from_raw(&key, ctx->family, ctx->daddr, ctx->daddr_v6);
-	node = peer_lookup(s, &key, &overflow);
-	record_retrans(s, node, overflow, 1, TCP_SYN_RECV);
-	return 0;
+	return retrans_to(ctx->daddr, ctx->daddr_v6, ctx->family, 1, TCP_SYN_RECV, 0);
 }
 
 #endif /* __RETRANS_BPF_H */

@@ -266,3 +266,24 @@ def test_missing_hook_skips_one_collector(
     assert state == {"rtt": "tp_btf", "retrans": "tp_btf", "drops": "missing", "sched": "tp_btf"}
     assert not os.path.exists(f"{cfg.pin_dir}/links/kfree_skb")
     assert os.path.exists(f"{cfg.pin_dir}/links/tcp_probe")
+
+
+def test_tracepoint_fallback_counts(make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBPF_TELEMETRY_HOOK", "tracepoint")
+    with Netns("a") as a, Netns("b") as b:
+        veth = veth_pair(a, b, v6=None)
+        cfg = make_config(peers={"a": [f"{veth.v4_a}/32"]})
+        assert set(loader.attach(cfg).values()) == {"tracepoint"}
+        with Pins(cfg.pin_dir) as pins:
+            before = take(pins)
+            udp_send(a, veth.v4_b, 9, 11)
+            node = peer_id(before, "a")
+            wait_until(
+                lambda: take(pins).node(node).drop_count - before.node(node).drop_count >= 11, 5
+            )
+            time.sleep(0.3)  # some scheduling happens meanwhile
+            after = take(pins)
+    w = Window(before, after)
+    assert w.node(node).drop_count == 11
+    assert w.node(0).runqlat_count > 0
+    assert w.cpu_utilization is not None
