@@ -207,6 +207,9 @@ def map_info(fd: int) -> Any:
 # -- the values ---------------------------------------------------------------
 
 
+_ZEROS = (0,) * MAX_SLOTS
+
+
 @dataclass(frozen=True)
 class Hist:
     """Histogram slots (scheme: histogram.py), summed over CPUs."""
@@ -215,15 +218,16 @@ class Hist:
 
     @classmethod
     def empty(cls) -> Self:
-        return cls((0,) * MAX_SLOTS)
+        return cls(_ZEROS)
 
     @classmethod
     def from_percpu(cls, vals: Any, base: int, ncpu: int) -> Self:
-        total = [0] * MAX_SLOTS
-        for c in range(ncpu):
-            row = ffi.unpack(vals[base + c].slots, MAX_SLOTS)
-            total = [a + b for a, b in zip(total, row, strict=True)]
-        return cls(tuple(total))
+        """Sum the ncpu per-CPU copies starting at vals[base] (all-u64 words)."""
+        words = memoryview(ffi.buffer(vals)).cast("Q")
+        rows = [words[(base + c) * MAX_SLOTS : (base + c + 1) * MAX_SLOTS] for c in range(ncpu)]
+        if not any(any(r) for r in rows):
+            return cls.empty()
+        return cls(tuple(map(sum, zip(*rows, strict=True))))
 
     @property
     def count(self) -> int:
@@ -236,6 +240,9 @@ class Hist:
 
     def quantile(self, q: float, mean: float | None = None) -> float | None:
         return quantile(self.slots, q, mean)
+
+
+_NODE_METRICS_WORDS = ffi.sizeof("struct node_metrics") // 8
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,10 @@ class NodeMetrics:
 
     @classmethod
     def from_percpu(cls, vals: Any, base: int, ncpu: int) -> Self:
+        words = memoryview(ffi.buffer(vals)).cast("Q")
+        per = _NODE_METRICS_WORDS
+        if not any(words[base * per : (base + ncpu) * per]):
+            return cls()
         acc = dict.fromkeys((f.name for f in fields(cls)), 0)
         for c in range(ncpu):
             v = vals[base + c]
