@@ -31,19 +31,32 @@ def _us(v: int) -> str:
     return f"{v}us"
 
 
-def hist_bars(h: Hist, unit: str = "us") -> list[str]:
-    """runqlat-style rows: range, count, bar (only the populated span)."""
+def hist_bars(h: Hist) -> list[str]:
+    """runqlat-style rows: range, count, bar; runs of 3+ empty rows fold into one."""
     used = [i for i, c in enumerate(h.slots) if c]
     if not used:
         return []
     top = max(h.slots)
-    rows = []
+    rows: list[str] = []
+    empty = 0
     for s in range(used[0], used[-1] + 1):
         c = h.slots[s]
-        bar = "*" * (round(BAR_WIDTH * c / top) if c else 0)
-        rng = f"{_us(slot_lower(s))} -> {_us(slot_upper(s) - 1)}"
-        rows.append(f"  {rng:>22} : {c:<10} |{bar:<{BAR_WIDTH}}|")
+        if not c:
+            empty += 1
+            continue
+        if empty > 2:
+            rows.append(f"  {'...':>22} : 0 ({empty} empty buckets)")
+        else:
+            rows.extend(_bar_row(s - k, 0, top) for k in range(empty, 0, -1))
+        empty = 0
+        rows.append(_bar_row(s, c, top))
     return rows
+
+
+def _bar_row(s: int, c: int, top: int) -> str:
+    bar = "*" * round(BAR_WIDTH * c / top)
+    rng = f"{_us(slot_lower(s))} -> {_us(slot_upper(s) - 1)}"
+    return f"  {rng:>22} : {c:<10} |{bar:<{BAR_WIDTH}}|"
 
 
 def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
