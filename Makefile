@@ -15,8 +15,9 @@ PYTEST_ARGS ?=
 
 APT_BUILD := clang llvm libbpf-dev libbpf1 bpftool libelf-dev zlib1g-dev gcc python3-venv python3-dev
 APT_TEST := iproute2 nftables prometheus prometheus-node-exporter
+APT_BENCH := sockperf bpftrace libbpf-tools
 
-.PHONY: all build deps deps-test mounts run test lint bench clean vmlinux docs
+.PHONY: all build deps deps-test deps-bench mounts run test lint bench soak clean vmlinux docs
 
 all: build
 
@@ -37,6 +38,9 @@ deps-test: deps
 	$(call apt_install,$(APT_TEST))
 
 # the agent mounts bpffs itself; tests and `make run` want both ready
+deps-bench: deps
+	$(call apt_install,$(APT_BENCH))
+
 mounts:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
@@ -65,8 +69,13 @@ test: build deps-test mounts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: build
-	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
+
+# what it costs, against the floor, bpftrace and libbpf-tools (prints a table)
+bench: build deps-bench mounts
+	$(VENV)/bin/python bench/run.py --out bench-results/bench.json
 
 docs: build
 	$(PY) -m ebpf_telemetry.metrics > docs/metrics.md

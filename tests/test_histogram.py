@@ -140,3 +140,31 @@ def test_window_after_a_reset_is_the_new_reading() -> None:
         NodeMetrics(rtt_count=3, rtt_sum=30)
     )
     assert CpuTime(10, 30).utilization_since(CpuTime(100, 100)) == 0.75
+
+
+def test_event_json_lines_are_json() -> None:
+    import io
+    import json
+    import struct as st
+
+    from ebpf_telemetry.events import as_json, json_line
+    from ebpf_telemetry.maps import EVENT_RECORD, TelemetryEvent
+
+    raw = st.pack("=IIQQI4x", 7, 4, 123, 10**18, 4242)
+    e = TelemetryEvent.from_bytes(raw)
+    assert (e.node_id, e.type_name, e.value, e.timestamp, e.extra_data) == (
+        7,
+        "runqlat",
+        123,
+        10**18,
+        4242,
+    )
+    assert json.loads(as_json(e)) == {
+        "node_id": 7,
+        "type": "runqlat",
+        "value": 123,
+        "timestamp_ns": 10**18,
+        "extra_data": 4242,
+    }
+    assert json.loads(json_line(*EVENT_RECORD.unpack_from(raw))) == json.loads(as_json(e))
+    assert io.StringIO(json_line(1, 99, 0, 0, 0)).read().endswith("}\n")

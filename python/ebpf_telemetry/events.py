@@ -1,16 +1,21 @@
-"""`events`: stream sampled events from the pinned ring buffer as JSON lines."""
+"""`events`: stream sampled events from the pinned ring buffer as JSON lines.
+
+The ring buffer's consumer is one callback per event, so the per-event path
+is kept short: struct unpacking, one f-string per line (ints and a fixed type
+name: nothing to escape), output written per batch or poll, not per line.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from ebpf_telemetry.binding import BpfError, check_ptr, ffi, lib, obj_get
-from ebpf_telemetry.maps import EVENT_TYPES, PinnedMap, TelemetryEvent
+from ebpf_telemetry.maps import EVENT_RECORD, EVENT_TYPES, PinnedMap, TelemetryEvent
 
 POLL_MS = 100  # the kernel wakes us only for large batches; poll on a timer too
+BATCH = 4096  # JSON lines per write
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -47,13 +52,60 @@ class EventReader:
         os.close(self.fd)
 
 
-def as_json(e: TelemetryEvent) -> str:
-    return json.dumps(
-        {
-            "node_id": e.node_id,
-            "type": EVENT_TYPES.get(e.event_type, str(e.event_type)),
-            "value": e.value,
-            "timestamp_ns": e.timestamp,
-            "extra_data": e.extra_data,
-        }
+def json_line(node: int, typ: int, value: int, ts: int, extra: int) -> str:
+    name = EVENT_TYPES.get(typ, str(typ))
+    return (
+        f'{{"node_id": {node}, "type": "{name}", "value": {value}, '
+        f'"timestamp_ns": {ts}, "extra_data": {extra}}}\n'
     )
+
+
+def as_json(e: TelemetryEvent) -> str:
+    return json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data).rstrip("\n")
+
+
+class JsonStream(EventReader):
+    """Events as JSON lines to a binary stream, optionally one type, at most count."""
+
+    def __init__(
+        self, pin_dir: str, out: BinaryIO, type_id: int | None = None, count: int | None = None
+    ) -> None:
+        super().__init__(pin_dir, lambda e: True)
+        self.out, self.type_id, self.left = out, type_id, count
+        self.lines: list[str] = []
+
+    def deliver(self, raw: bytes) -> int:
+        if self.done:
+            return 0
+        node, typ, value, ts, extra = EVENT_RECORD.unpack_from(raw)
+        if self.type_id is not None and typ != self.type_id:
+            return 0
+        self.lines.append(json_line(node, typ, value, ts, extra))
+        if self.left is not None:
+            self.left -= 1
+            self.done = self.left <= 0
+        if len(self.lines) >= BATCH:
+            self.flush()
+        return 0
+
+    def flush(self) -> None:
+        if self.lines:
+            self.out.write("".join(self.lines).encode())
+            self.out.flush()
+            self.lines.clear()
+
+    def poll(self) -> None:
+        super().poll()
+        self.flush()
+
+
+def stream_json(pin_dir: str, out: BinaryIO, type_name: str | None, count: int | None) -> None:
+    """Copy events to out until count of them (or forever)."""
+    ids = {v: k for k, v in EVENT_TYPES.items()}
+    stream = JsonStream(pin_dir, out, ids[type_name] if type_name else None, count)
+    try:
+        while not stream.done:
+            stream.poll()
+    finally:
+        stream.flush()
+        stream.close()

@@ -14,6 +14,7 @@ which are slot boundaries, so the exported cumulative counts are exact.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 from ebpf_telemetry.binding import lib
 
@@ -48,19 +49,14 @@ def slot_upper(s: int) -> int:
     return slot_lower(s + 1)
 
 
+# first slot of each power of two 2^k: the cut points of the exported le buckets
+LE_SLOTS = tuple(value_to_slot(1 << k) for k in LE_EXPONENTS)
+
+
 def cumulative_at_powers_of_two(slots: Sequence[int]) -> list[tuple[int, int]]:
     """[(2^k us, count of values < 2^k us)] for k in LE_EXPONENTS."""
-    out: list[tuple[int, int]] = []
-    acc = 0
-    s = 0
-    for k in LE_EXPONENTS:
-        bound = 1 << k
-        end = value_to_slot(bound)  # first slot starting at 2^k
-        while s < end:
-            acc += slots[s]
-            s += 1
-        out.append((bound, acc))
-    return out
+    acc = [0, *accumulate(slots)]  # acc[s] = count of slots below s
+    return [(1 << k, acc[cut]) for k, cut in zip(LE_EXPONENTS, LE_SLOTS, strict=True)]
 
 
 def quantile(slots: Sequence[int], q: float, mean: float | None = None) -> float | None:
@@ -73,23 +69,34 @@ def quantile(slots: Sequence[int], q: float, mean: float | None = None) -> float
     and samples clustered in one part of a bucket are located where they are
     instead of mid-bucket (a 25% wide bucket would otherwise allow a 12% error).
     """
-    total = sum(slots)
+    return quantiles(slots, (q,), mean)[0]
+
+
+def quantiles(
+    slots: Sequence[int], qs: Sequence[float], mean: float | None = None
+) -> list[float | None]:
+    """quantile() for several q at once: one pass over the slots."""
+    used = [(s, c) for s, c in enumerate(slots) if c]
+    total = sum(c for _, c in used)
     if total <= 0:
-        return None
-    rank = q * total
-    acc = 0
-    k = max(i for i, c in enumerate(slots) if c)
-    for s, c in enumerate(slots):
-        if c and acc + c >= rank:
-            k = s
-            break
-        acc += c
-    lo, hi = slot_lower(k), slot_upper(k)
-    est = lo + (hi - lo) * min(max(rank - acc, 0.0) / slots[k], 1.0)
-    if mean is None:
-        return est
-    implied = sum(c * (slot_lower(s) + slot_upper(s) - 1) / 2 for s, c in enumerate(slots) if c)
-    return min(max(est + mean - implied / total, float(lo)), float(hi))
+        return [None] * len(qs)
+    shift = 0.0
+    if mean is not None:
+        implied = sum(c * (slot_lower(s) + slot_upper(s) - 1) for s, c in used) / (2 * total)
+        shift = mean - implied
+    out: list[float | None] = []
+    for q in qs:
+        rank, acc = q * total, 0
+        k, c = used[-1]
+        for s, n in used:
+            if acc + n >= rank:
+                k, c = s, n
+                break
+            acc += n
+        lo, hi = slot_lower(k), slot_upper(k)
+        est = lo + (hi - lo) * min(max(rank - acc, 0.0) / c, 1.0)
+        out.append(min(max(est + shift, float(lo)), float(hi)) if mean is not None else est)
+    return out
 
 
 def merge(rows: Iterable[Sequence[int]]) -> list[int]:

@@ -9,12 +9,13 @@ instead of garbage. Per-CPU maps are summed over CPUs here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self
 
 from ebpf_telemetry.binding import BpfError, TelemetryError, check, ffi, lib, num_cpus, obj_get
-from ebpf_telemetry.histogram import MAX_SLOTS, quantile
+from ebpf_telemetry.histogram import MAX_SLOTS, quantile, quantiles
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpf_telemetry"
 
@@ -241,6 +242,9 @@ class Hist:
     def quantile(self, q: float, mean: float | None = None) -> float | None:
         return quantile(self.slots, q, mean)
 
+    def quantiles(self, qs: Sequence[float], mean: float | None = None) -> list[float | None]:
+        return quantiles(self.slots, qs, mean)
+
 
 _NODE_METRICS_WORDS = ffi.sizeof("struct node_metrics") // 8
 
@@ -313,6 +317,14 @@ class CpuTime:
 
 EVENT_TYPES = {1: "rtt", 2: "retrans", 3: "drop", 4: "runqlat"}
 
+# struct telemetry_event as struct sees it; checked against the compiled layout
+EVENT_RECORD = struct.Struct("=IIQQI4x")
+_EVENT_FIELDS = ("node_id", "event_type", "value", "timestamp", "extra_data")
+if EVENT_RECORD.size != ffi.sizeof("struct telemetry_event") or [
+    ffi.offsetof("struct telemetry_event", f) for f in _EVENT_FIELDS
+] != [0, 4, 8, 16, 24]:
+    raise LayoutError("struct telemetry_event changed: update EVENT_RECORD in maps.py")
+
 
 @dataclass(frozen=True)
 class TelemetryEvent:
@@ -328,8 +340,7 @@ class TelemetryEvent:
     def from_bytes(cls, data: bytes) -> Self:
         if len(data) != cls.SIZE:
             raise LayoutError(f"event of {len(data)} bytes, expected {cls.SIZE}")
-        e = ffi.cast("struct telemetry_event *", ffi.from_buffer(data))
-        return cls(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data)
+        return cls(*EVENT_RECORD.unpack_from(data))
 
     @property
     def type_name(self) -> str:

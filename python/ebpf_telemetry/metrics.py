@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
-from ebpf_telemetry.histogram import cumulative_at_powers_of_two
+from ebpf_telemetry.histogram import LE_EXPONENTS, cumulative_at_powers_of_two
 from ebpf_telemetry.maps import EVENT_TYPES, Hist
 from ebpf_telemetry.snapshot import HOST, Window
 
 US = 1e-6
 WINDOW_QUANTILES = (0.5, 0.9, 0.99)
+WINDOW_Q_LABELS = ("0.5", "0.9", "0.99")
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,20 @@ def _go(x: float) -> str:
     return str(floatToGoString(x))  # type: ignore[no-untyped-call]
 
 
-def _buckets(h: Hist) -> list[tuple[str, float]]:
-    """Cumulative counts at le = 2^k microseconds (in seconds), then +Inf."""
-    out = [(_go(le * US), float(c)) for le, c in cumulative_at_powers_of_two(h.slots)]
-    out.append(("+Inf", float(h.count)))
-    return out
+LE_LABELS = [_go((1 << k) * US) for k in LE_EXPONENTS]
+
+
+def _add_histogram(fam: Metric, labels: dict[str, str], h: Hist, sum_seconds: float) -> None:
+    """One histogram series: cumulative buckets at le = 2^k us, +Inf, _count, _sum.
+    (Samples added directly: HistogramMetricFamily.add_metric re-validates every
+    bucket, which costs more than all the rest at 255 peers.)"""
+    counts = cumulative_at_powers_of_two(h.slots)
+    bucket = fam.name + "_bucket"
+    for le, (_, c) in zip(LE_LABELS, counts, strict=True):
+        fam.add_sample(bucket, {**labels, "le": le}, c)
+    fam.add_sample(bucket, {**labels, "le": "+Inf"}, h.count)
+    fam.add_sample(fam.name + "_count", labels, h.count)
+    fam.add_sample(fam.name + "_sum", labels, sum_seconds)
 
 
 def _labels(name: str, kind: str) -> tuple[str, str, list[str]]:
@@ -185,9 +194,9 @@ def _summary(name: str) -> Metric:
     return Metric(n, h, "summary")
 
 
-def _histogram(name: str) -> HistogramMetricFamily:
-    n, h, labels = _labels(name, "histogram")
-    return HistogramMetricFamily(n, h, labels=labels)
+def _histogram(name: str) -> Metric:
+    n, h, _ = _labels(name, "histogram")
+    return Metric(n, h, "histogram")
 
 
 class TelemetryCollector(Collector):
@@ -221,22 +230,22 @@ class TelemetryCollector(Collector):
 
     def _rtt(self, w: Window) -> Iterator[Metric]:
         n = self.node_name
-        for q, name in ((0.5, "ebpf_rtt_p50_milliseconds"), (0.99, "ebpf_rtt_p99_milliseconds")):
+        p50, p99 = w.rtt_quantiles_us(HOST, (0.5, 0.99))
+        for value, name in ((p50, "ebpf_rtt_p50_milliseconds"), (p99, "ebpf_rtt_p99_milliseconds")):
             fam = _gauge(name)
-            v = w.rtt_quantile_us(HOST, q)
-            if v is not None:
-                fam.add_metric([n], v / 1000.0)
+            if value is not None:
+                fam.add_metric([n], value / 1000.0)
             yield fam
         hist = _histogram("ebpf_tcp_rtt_seconds")
         window = _summary("ebpf_tcp_rtt_window_seconds")
         for node, peer in self._peers(w):
             m = w.cur.node(node)
-            hist.add_metric([n, peer], _buckets(w.cur.hist(node)), m.rtt_sum * US)
             labels = {"node": n, "peer": peer}
-            for q in WINDOW_QUANTILES:
-                v = w.rtt_quantile_us(node, q)
+            _add_histogram(hist, labels, w.cur.hist(node), m.rtt_sum * US)
+            values = w.rtt_quantiles_us(node, WINDOW_QUANTILES)
+            for q_label, v in zip(WINDOW_Q_LABELS, values, strict=True):
                 if v is not None:
-                    window.add_sample(window.name, {**labels, "quantile": _go(q)}, v * US)
+                    window.add_sample(window.name, {**labels, "quantile": q_label}, v * US)
             window.add_sample(window.name + "_sum", labels, m.rtt_sum * US)
             window.add_sample(window.name + "_count", labels, m.rtt_count)
         yield hist
@@ -257,7 +266,7 @@ class TelemetryCollector(Collector):
     def _sched(self, w: Window) -> Iterator[Metric]:
         n, host = self.node_name, w.cur.node(HOST)
         runq = _histogram("ebpf_runqueue_latency_seconds")
-        runq.add_metric([n], _buckets(w.cur.runqlat), host.runqlat_sum * US)
+        _add_histogram(runq, {"node": n}, w.cur.runqlat, host.runqlat_sum * US)
         yield runq
         util = _gauge("ebpf_cpu_utilization_ratio")
         ratio = w.cpu_utilization

@@ -7,7 +7,8 @@ two snapshots taken by the agent, never a reset of the maps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from ebpf_telemetry.maps import CpuTime, Hist, NodeMetrics, Pins
 from ebpf_telemetry.nodes import HOST, peer_names
@@ -50,20 +51,28 @@ def take(pins: Pins) -> Snapshot:
 
 @dataclass(frozen=True)
 class Window:
-    """What happened between two snapshots, per node."""
+    """What happened between two snapshots, per node (each computed once)."""
 
     prev: Snapshot
     cur: Snapshot
+    _hists: dict[int, Hist] = field(default_factory=dict, compare=False, repr=False)
+    _nodes: dict[int, NodeMetrics] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def seconds(self) -> float:
         return self.cur.monotonic - self.prev.monotonic
 
     def hist(self, node: int) -> Hist:
-        return self.cur.hist(node).since(self.prev.hist(node))
+        h = self._hists.get(node)
+        if h is None:
+            h = self._hists[node] = self.cur.hist(node).since(self.prev.hist(node))
+        return h
 
     def node(self, node: int) -> NodeMetrics:
-        return self.cur.node(node).since(self.prev.node(node))
+        m = self._nodes.get(node)
+        if m is None:
+            m = self._nodes[node] = self.cur.node(node).since(self.prev.node(node))
+        return m
 
     @property
     def cpu_utilization(self) -> float | None:
@@ -74,9 +83,12 @@ class Window:
         n = self.node(HOST)
         return h.quantile(q, n.runqlat_sum / n.runqlat_count if n.runqlat_count else None)
 
+    def rtt_quantiles_us(self, node: int, qs: Sequence[float]) -> list[float | None]:
+        """Quantiles of the RTT samples of this window, microseconds."""
+        return self.hist(node).quantiles(qs, self.node(node).rtt_mean)
+
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
-        """q-quantile of the RTT samples of this window, microseconds."""
-        return self.hist(node).quantile(q, self.node(node).rtt_mean)
+        return self.rtt_quantiles_us(node, (q,))[0]
 
 
 __all__ = ["HOST", "Snapshot", "Window", "take"]

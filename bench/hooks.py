@@ -1,0 +1,77 @@
+"""1. Per-event cost of each hook (bpf_stats), ours beside the empty floor,
+bpftrace (tcp_probe) and libbpf-tools runqlat (sched), all attached together
+under one sockperf ping-pong, so every program sees the same events."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import probes
+import workload
+from bpfstats import ProgStats, prog_stats, stats_enabled
+
+EMPTY_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "empty.bpf.c")
+HOOKS = ("tcp_probe", "sched_wakeup", "sched_wakeup_new", "sched_switch")
+
+
+@dataclass(frozen=True)
+class HookCost:
+    hook: str
+    who: str  # ours, empty, bpftrace, runqlat
+    ns: float | None
+    events: int
+
+
+@dataclass
+class HookResult:
+    costs: list[HookCost]
+    seconds: float
+    notes: list[str]
+
+    def ns(self, hook: str, who: str) -> float | None:
+        for c in self.costs:
+            if c.hook == hook and c.who == who:
+                return c.ns
+        return None
+
+
+def _watch(t: probes.Telemetry, empty: probes.Held, tools: list[probes.Tool]) -> dict[
+    tuple[str, str], int
+]:
+    """(hook, who) -> program id."""
+    ids = {(h, "ours"): i for h, i in t.prog_ids().items() if h in HOOKS}
+    ids |= {(name.removeprefix("empty_"), "empty"): i for name, i in empty.ids.items()}
+    for tool in tools:
+        for name, i in tool.ids.items():
+            hook = "tcp_probe" if tool.name == "bpftrace" else name
+            if hook in HOOKS:
+                ids[(hook, tool.name)] = i
+    return ids
+
+
+def measure(seconds: float) -> HookResult:
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        empty_obj = probes.compile_bpf(EMPTY_SRC, os.path.join(tmp, "empty.bpf.o"))
+        with (
+            probes.telemetry("hooks") as t,
+            probes.held_object(empty_obj) as empty,
+            probes.tools() as tools,
+            workload.sockperf_server() as port,
+        ):
+            for tool in tools:
+                if tool.error:
+                    notes.append(f"{tool.name}: could not run: {tool.error}")
+            ids = _watch(t, empty, tools)
+            with stats_enabled():
+                before = {k: prog_stats(i) for k, i in ids.items()}
+                workload.ping_pong(port, seconds)
+                after = {k: prog_stats(i) for k, i in ids.items()}
+    costs = [_cost(k, after[k].since(before[k])) for k in sorted(ids)]
+    return HookResult(costs, seconds, notes)
+
+
+def _cost(key: tuple[str, str], d: ProgStats) -> HookCost:
+    return HookCost(key[0], key[1], d.ns_per_event, d.run_cnt)

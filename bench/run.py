@@ -1,0 +1,180 @@
+"""Benchmark for issue 5: `make bench` (bench/run.py --out bench-results/bench.json).
+
+Measures, each in the same run as its comparison:
+ 1. per-event cost of each hook (bpf_stats) vs an empty program, bpftrace, runqlat;
+ 2. loopback request/response latency with all collectors vs none;
+ 3. one userspace collection cycle at 1/64/255 peers; the agent's RSS and CPU;
+ 4. the event rate the `events` CLI drains at sample_rate 1 without loss.
+Prints a table and writes the same figures as JSON. Leaves nothing attached:
+every pin dir is /sys/fs/bpf/ebt-bench-<pid>-<part> and is unloaded after use.
+
+    bench/run.py [--out PATH] [--quick] [--only hooks|latency|userspace|events|profile]
+Needs root, the built object, sockperf, bpftrace, libbpf-tools (runqlat), clang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import structlog
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import eventstream
+import hooks
+import latency
+import rttprofile
+import userspace
+from bpfstats import stats_sysctl
+from report import Report, fmt, ratio
+
+
+@dataclass(frozen=True)
+class Plan:
+    hook_seconds: float
+    latency_pairs: int
+    latency_seconds: float
+    cycles: int
+    agent_seconds: float
+    agent_warmup: float
+    stream_seconds: float
+    stream_rates: tuple[int, ...]
+    profile_seconds: float
+    profile_rounds: int
+
+
+FULL = Plan(20, 8, 3, 50, 60, 8, 3, (2000, 5000, 10000, 20000, 50000, 100000), 2, 10)
+QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000), 1, 3)
+PEER_COUNTS = (1, 64, 255)
+
+
+def run_hooks(r: Report, plan: Plan) -> None:
+    h = hooks.measure(plan.hook_seconds)
+    r.add("hooks", h)
+    r.notes.extend(h.notes)
+    for c in h.costs:
+        r.row("1. per-event cost (bpf_stats, sockperf ping-pong)", f"{c.hook:<16} {c.who}",
+              f"{fmt(c.ns, '.0f', ' ns')}  ({c.events} events)")
+    rtt, floor, bt = (h.ns("tcp_probe", w) for w in ("ours", "empty", "bpftrace"))
+    r.target("tcp_probe / empty floor", ratio(rtt, floor), "x", 2.0)
+    r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.5)
+    for hook in ("sched_wakeup", "sched_switch"):
+        r.target(f"{hook} / runqlat", ratio(h.ns(hook, "ours"), h.ns(hook, "runqlat")), "x", 0.5)
+
+
+def run_latency(r: Report, plan: Plan) -> None:
+    lat = latency.measure(plan.latency_pairs, plan.latency_seconds)
+    r.add("latency", {"with_us": lat.with_us, "without_us": lat.without_us,
+                      "median_with_us": lat.median_with, "median_without_us": lat.median_without,
+                      "ratio": lat.ratio})
+    s = "2. request/response latency (sockperf pp median, RTT/2)"
+    r.row(s, "no collectors", f"{lat.median_without:.3f} us  runs {lat.without_us}")
+    r.row(s, "all collectors", f"{lat.median_with:.3f} us  runs {lat.with_us}")
+    r.row(s, "overhead (median of paired ratios)", f"{100 * (lat.ratio - 1):+.1f} %")
+    r.target("latency overhead", 100 * (lat.ratio - 1), "%", 3.0)
+
+
+def run_userspace(r: Report, plan: Plan) -> None:
+    s = "3. userspace"
+    cyc = userspace.cycles(PEER_COUNTS, plan.cycles)
+    r.add("cycles", cyc)
+    for c in cyc:
+        r.row(s, f"cycle at {c.peers} peers", f"median {c.median_ms:.1f} ms, p95 "
+              f"{c.p95_ms:.1f} ms (read {c.read_ms:.1f}, compute {c.compute_ms:.1f} ms; "
+              f"{c.textfile_bytes:,} B textfile; {plan.cycles} cycles)")
+    r.target("cycle p95 at 255 peers", cyc[-1].p95_ms, "ms", 20.0)
+    ag = userspace.agent(PEER_COUNTS[-1], plan.agent_seconds, plan.agent_warmup)
+    r.add("agent", ag)
+    r.row(s, "agent RSS (max)", f"{ag.rss_mb:.1f} MB")
+    r.row(s, "agent CPU", f"{ag.cpu_pct:.2f} % of one core over {ag.seconds:.0f} s "
+          f"(interval 5 s, {ag.peers_in_textfile} peers in textfile)")
+    r.target("agent RSS", ag.rss_mb, "MB", 60.0)
+    r.target("agent CPU", ag.cpu_pct, "%", 1.0)
+
+
+def run_stream(r: Report, plan: Plan) -> None:
+    st = eventstream.measure(plan.stream_rates, plan.stream_seconds)
+    r.add("events", {"steps": st.steps, "best": st.best, "first_behind": st.first_behind,
+                     "first_loss": st.first_loss})
+    s = "4. event stream (`events` CLI to a pipe, sample_rate 1)"
+    for p in st.steps:
+        r.row(s, f"sockperf tp {p.mps} msg/s", f"offered {p.offered:,.0f} ev/s, drained "
+              f"{p.drained:,.0f} lines/s, backlog {p.backlog:,}, lost {p.lost:,}")
+    best, behind, loss = st.best, st.first_behind, st.first_loss
+    for label, step in (("highest rate drained, no loss", best),
+                        ("first rate not kept up with", behind), ("first rate with loss", loss)):
+        r.row(s, label, fmt(step.offered if step else None, ",.0f", " ev/s"))
+    for name, cap in st.capacity.items():
+        r.row(s, f"drain capacity: {name}", fmt(cap, ",.0f", " ev/s (pre-filled ring)"))
+    cli = st.capacity.get("cli")
+    r.target_min("event stream (CLI drain)", cli / 1000 if cli else None, "k/s", 200.0)
+
+
+def run_profile(r: Report, plan: Plan) -> None:
+    stages = rttprofile.measure(plan.profile_seconds, plan.profile_rounds)
+    r.add("rtt_profile", stages)
+    s = "5. tcp_probe profile (bench/rtt_variants.bpf.c, one at a time, median of rounds)"
+    prev: float | None = None
+    for st in stages:
+        step = "" if prev is None or st.ns is None or not st.stage.startswith("s") else (
+            f" ({st.ns - prev:+.0f})")
+        r.row(s, f"{st.stage:<15} {st.what}",
+              f"{fmt(st.ns, '.0f', ' ns')}{step}  floor {fmt(st.floor_ns, '.0f', ' ns')}")
+        if st.stage.startswith("s"):
+            prev = st.ns
+
+
+PARTS = {"hooks": run_hooks, "latency": run_latency, "userspace": run_userspace,
+         "events": run_stream, "profile": run_profile}
+
+
+def run_parts(r: Report, plan: Plan, only: list[str] | None) -> float:
+    """Each part in turn; seconds taken."""
+    t0 = time.monotonic()
+    for name, fn in PARTS.items():
+        if only and name not in only:
+            continue
+        t = time.monotonic()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        fn(r, plan)
+        print(f"bench: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--out", default="bench-results/bench.json")
+    p.add_argument("--quick", action="store_true", help="short runs (development)")
+    p.add_argument("--only", action="append", choices=sorted(PARTS), help="some parts only")
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench: must run as root", file=sys.stderr)
+        return 1
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    plan = QUICK if a.quick else FULL
+    r = Report()
+    stats_before, load0 = stats_sysctl(), os.getloadavg()[0]
+    elapsed = run_parts(r, plan, a.only)
+    if stats_sysctl() != stats_before:
+        r.notes.append(f"kernel.bpf_stats_enabled was {stats_before}, is {stats_sysctl()}")
+    load1 = os.getloadavg()[0]
+    r.notes.append(f"load average {load0:.2f} at start, {load1:.2f} at end: other work on "
+                   "this machine shows up as noise in every figure")
+    print(r.table())
+    print(f"\nbench: {elapsed:.0f} s; JSON: {a.out}")
+    meta = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds": elapsed,
+            "loadavg_start": load0, "loadavg_end": load1, "plan": asdict(plan),
+            "quick": a.quick}
+    r.write_json(a.out, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
