@@ -8,35 +8,38 @@
 /* wake the reader only once this much is waiting; it also polls on a timer */
 #define WAKEUP_BYTES (256 * 1024)
 
-static __always_inline void emit_event(const struct settings *s, __u32 type, __u32 node,
-				       __u64 value, __u32 extra)
+/* the event's ktime if one was sampled (sent or lost), else 0 */
+static __always_inline __u64 emit_event(const struct settings *s, __u32 type, __u32 node,
+					__u64 value, __u32 extra)
 {
 	struct telemetry_event *e;
 	__u32 rate = s->sample_rate;
-	__u64 *ctr, flags;
+	__u64 *ctr, flags, now;
 
 	if (!rate)
-		return;
+		return 0;
 	ctr = bpf_map_lookup_elem(&sample_ctr, &type);
 	if (!ctr)
-		return;
+		return 0;
 	if (++*ctr < rate)
-		return;
+		return 0;
 	*ctr = 0;
+	now = bpf_ktime_get_ns();
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_EVENTS_LOST);
-		return;
+		return now;
 	}
 	e->node_id = node;
 	e->event_type = type;
 	e->value = value;
-	e->timestamp = bpf_ktime_get_ns();
+	e->timestamp = now;
 	e->extra_data = extra;
 	flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES ?
 		BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 	stat_inc(STAT_SAMPLED_BASE + type);
+	return now;
 }
 
 #endif /* __EVENTS_BPF_H */

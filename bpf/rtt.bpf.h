@@ -9,30 +9,37 @@
 #include "events.bpf.h"
 #include "bits.bpf.h"
 
-static __always_inline void metrics_add_rtt(__u32 node, __u64 us, __u64 now)
-{
-	struct node_metrics *m = metrics(node);
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
+static __always_inline void metrics_add_rtt(struct node_metrics *m, __u64 us)
+{
 	if (!m)
 		return;
 	m->rtt_sum += us;
 	m->rtt_count += 1;
-	m->timestamp = now;
 }
 
 static __always_inline void record_rtt(const struct settings *s, __u32 node, __u64 us,
 				       __u32 overflow, __u32 port)
 {
+	struct node_metrics *host = metrics(NODE_HOST), *peer = metrics(node);
 	__u32 slot = value_to_slot(us);
-	__u64 now = bpf_ktime_get_ns();
+	__u64 ts;
 
 	hist_add(&rtt_hist_map, NODE_HOST, slot);
 	hist_add(&rtt_hist_map, node, slot);
-	metrics_add_rtt(NODE_HOST, us, now);
-	metrics_add_rtt(node, us, now);
+	metrics_add_rtt(host, us);
+	metrics_add_rtt(peer, us);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
-	emit_event(s, EVENT_RTT, node, us, port);
+	/* the clock is read only for sampled events: timestamp = the last one */
+	ts = emit_event(s, EVENT_RTT, node, us, port);
+	if (ts) {
+		if (host)
+			host->timestamp = ts;
+		if (peer)
+			peer->timestamp = ts;
+	}
 	if (s->debug)
 		bpf_printk("RTT event - Node: %u, Value: %llu us", node, us);
 }
@@ -46,9 +53,8 @@ int BPF_PROG(tcp_probe_btf, struct sock *sk, const struct sk_buff *skb)
 
 	if (!s)
 		return 0;
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
+	/* tcp_probe fires for TCP sockets only: a cast, not a helper call */
+	tp = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock));
 	node = sock_node(s, sk, &overflow);
 	record_rtt(s, node, tp->srtt_us >> 3, overflow, bpf_ntohs(sk->__sk_common.skc_dport));
 	return 0;

@@ -51,7 +51,7 @@ struct node_metrics {
 	__u64 runqlat_sum;     /* microseconds */
 	__u64 runqlat_count;
 	__u32 cpu_util;
-	__u64 timestamp;       /* ns since boot of the last update */
+	__u64 timestamp;       /* ktime (ns) of the node's last sampled RTT event */
 };
 
 struct telemetry_event {
