@@ -120,6 +120,22 @@ struct {
 	__type(value, __u64);
 } sample_ctr SEC(".maps");
 
+/* not pinned: per CPU, the last remote address classified and its node; the
+ * segments a CPU sees mostly come in runs of one connection */
+struct last_peer {
+	__u8 addr[ADDR_LEN];
+	__u32 node_id;
+	__u32 generation;
+	__u32 overflow;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct last_peer);
+} last_peer_cache SEC(".maps");
+
 /* not pinned: a socket's node id, valid while generation matches */
 struct sock_peer {
 	__u32 node_id;
