@@ -103,9 +103,7 @@ def _submitted(pins: Pins) -> tuple[int, int]:
     return sum(v for k, v in s.items() if k.startswith("sampled_")), s["events_lost"]
 
 
-def _step(
-    pins: Pins, counter: LineCounter, base: int, port: int, mps: int, seconds: float
-) -> Step:
+def _step(pins: Pins, counter: LineCounter, base: int, port: int, mps: int, seconds: float) -> Step:
     sub0, lost0 = _submitted(pins)
     lines0 = counter.lines
     t0 = time.monotonic()
@@ -136,12 +134,14 @@ def fast_argv(pin_dir: str) -> list[str]:
     return [sys.executable, FAST, "--pin-dir", pin_dir]
 
 
-def _ladder(pins: Pins, pin_dir: str, port: int, rates: tuple[int, ...], seconds: float
-            ) -> list[Step]:
+def _ladder(
+    pins: Pins, pin_dir: str, port: int, rates: tuple[int, ...], seconds: float
+) -> list[Step]:
     steps: list[Step] = []
     base = _submitted(pins)[0]
-    counter = LineCounter(subprocess.Popen(cli_argv(pin_dir), stdout=subprocess.PIPE,
-                                           stderr=subprocess.DEVNULL))
+    counter = LineCounter(
+        subprocess.Popen(cli_argv(pin_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    )
     try:
         _caught_up(pins, counter, base, 10)
         for mps in rates:
@@ -161,7 +161,8 @@ def _capacity(pins: Pins, argv: list[str], port: int) -> float | None:
     while _submitted(pins)[0] - base < FILL and time.monotonic() < deadline:
         workload.paced(port, 1, 200_000)
     counter = LineCounter(
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), FILL)
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), FILL
+    )
     try:
         deadline = time.monotonic() + 30
         while counter.marked is None and time.monotonic() < deadline:
@@ -191,8 +192,7 @@ def measure(rates: tuple[int, ...], seconds: float) -> StreamResult:
 def _drain_ring(argv: list[str]) -> None:
     """Empty what the last consumer left in the ring (a ring has one reader):
     read until a 0.5 s period brings less than IDLE_LINES lines."""
-    counter = LineCounter(subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                           stderr=subprocess.DEVNULL))
+    counter = LineCounter(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
     try:
         time.sleep(1.0)  # start-up
         deadline = time.monotonic() + 20

@@ -37,9 +37,9 @@ class HookResult:
         return None
 
 
-def _watch(t: probes.Telemetry, empty: probes.Held, tools: list[probes.Tool]) -> dict[
-    tuple[str, str], int
-]:
+def _watch(
+    t: probes.Telemetry, empty: probes.Held, tools: list[probes.Tool]
+) -> dict[tuple[str, str], int]:
     """(hook, who) -> program id."""
     ids = {(h, "ours"): i for h, i in t.prog_ids().items() if h in HOOKS}
     ids |= {(name.removeprefix("empty_"), "empty"): i for name, i in empty.ids.items()}

@@ -49,7 +49,8 @@ def measure(seconds: float, rounds: int) -> list[StageCost]:
     root = probes.pin_dir("profile")
     with tempfile.TemporaryDirectory() as tmp:
         variants = probes.compile_bpf(
-            os.path.join(HERE, "rtt_variants.bpf.c"), os.path.join(tmp, "v.o"))
+            os.path.join(HERE, "rtt_variants.bpf.c"), os.path.join(tmp, "v.o")
+        )
         empty = probes.compile_bpf(os.path.join(HERE, "empty.bpf.c"), os.path.join(tmp, "e.o"))
         os.makedirs(root, mode=0o700, exist_ok=True)
         try:
@@ -64,7 +65,7 @@ def measure(seconds: float, rounds: int) -> list[StageCost]:
                 runs: dict[str, list[StageCost]] = {n: [] for n in stages}
                 floor_id = floor.ids["empty_tcp_probe"]
                 for k in range(rounds):
-                    order = stages[k % len(stages):] + stages[: k % len(stages)]
+                    order = stages[k % len(stages) :] + stages[: k % len(stages)]
                     for c in _round(h, order, floor_id, port, seconds):
                         runs[c.stage].append(c)
                 return [_median(runs[n]) for n in stages]
@@ -76,12 +77,18 @@ def measure(seconds: float, rounds: int) -> list[StageCost]:
 def _median(runs: list[StageCost]) -> StageCost:
     ns = [r.ns for r in runs if r.ns is not None]
     fl = [r.floor_ns for r in runs if r.floor_ns is not None]
-    return StageCost(runs[0].stage, runs[0].what, statistics.median(ns) if ns else None,
-                     statistics.median(fl) if fl else None, sum(r.events for r in runs))
+    return StageCost(
+        runs[0].stage,
+        runs[0].what,
+        statistics.median(ns) if ns else None,
+        statistics.median(fl) if fl else None,
+        sum(r.events for r in runs),
+    )
 
 
-def _round(h: probes.Held, order: list[str], floor_id: int, port: int, seconds: float
-           ) -> list[StageCost]:
+def _round(
+    h: probes.Held, order: list[str], floor_id: int, port: int, seconds: float
+) -> list[StageCost]:
     for name in order:
         h.attach(name)
     try:

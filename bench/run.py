@@ -59,8 +59,11 @@ def run_hooks(r: Report, plan: Plan) -> None:
     r.add("hooks", h)
     r.notes.extend(h.notes)
     for c in h.costs:
-        r.row("1. per-event cost (bpf_stats, sockperf ping-pong)", f"{c.hook:<16} {c.who}",
-              f"{fmt(c.ns, '.0f', ' ns')}  ({c.events} events)")
+        r.row(
+            "1. per-event cost (bpf_stats, sockperf ping-pong)",
+            f"{c.hook:<16} {c.who}",
+            f"{fmt(c.ns, '.0f', ' ns')}  ({c.events} events)",
+        )
     rtt, floor, bt = (h.ns("tcp_probe", w) for w in ("ours", "empty", "bpftrace"))
     r.target("tcp_probe / empty floor", ratio(rtt, floor), "x", 2.0)
     r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.5)
@@ -70,9 +73,16 @@ def run_hooks(r: Report, plan: Plan) -> None:
 
 def run_latency(r: Report, plan: Plan) -> None:
     lat = latency.measure(plan.latency_pairs, plan.latency_seconds)
-    r.add("latency", {"with_us": lat.with_us, "without_us": lat.without_us,
-                      "median_with_us": lat.median_with, "median_without_us": lat.median_without,
-                      "ratio": lat.ratio})
+    r.add(
+        "latency",
+        {
+            "with_us": lat.with_us,
+            "without_us": lat.without_us,
+            "median_with_us": lat.median_with,
+            "median_without_us": lat.median_without,
+            "ratio": lat.ratio,
+        },
+    )
     s = "2. request/response latency (sockperf pp median, RTT/2)"
     r.row(s, "no collectors", f"{lat.median_without:.3f} us  runs {lat.without_us}")
     r.row(s, "all collectors", f"{lat.median_with:.3f} us  runs {lat.with_us}")
@@ -85,30 +95,52 @@ def run_userspace(r: Report, plan: Plan) -> None:
     cyc = userspace.cycles(PEER_COUNTS, plan.cycles)
     r.add("cycles", cyc)
     for c in cyc:
-        r.row(s, f"cycle at {c.peers} peers", f"median {c.median_ms:.1f} ms, p95 "
-              f"{c.p95_ms:.1f} ms (read {c.read_ms:.1f}, compute {c.compute_ms:.1f} ms; "
-              f"{c.textfile_bytes:,} B textfile; {plan.cycles} cycles)")
+        r.row(
+            s,
+            f"cycle at {c.peers} peers",
+            f"median {c.median_ms:.1f} ms, p95 "
+            f"{c.p95_ms:.1f} ms (read {c.read_ms:.1f}, compute {c.compute_ms:.1f} ms; "
+            f"{c.textfile_bytes:,} B textfile; {plan.cycles} cycles)",
+        )
     r.target("cycle p95 at 255 peers", cyc[-1].p95_ms, "ms", 20.0)
     ag = userspace.agent(PEER_COUNTS[-1], plan.agent_seconds, plan.agent_warmup)
     r.add("agent", ag)
     r.row(s, "agent RSS (max)", f"{ag.rss_mb:.1f} MB")
-    r.row(s, "agent CPU", f"{ag.cpu_pct:.2f} % of one core over {ag.seconds:.0f} s "
-          f"(interval 5 s, {ag.peers_in_textfile} peers in textfile)")
+    r.row(
+        s,
+        "agent CPU",
+        f"{ag.cpu_pct:.2f} % of one core over {ag.seconds:.0f} s "
+        f"(interval 5 s, {ag.peers_in_textfile} peers in textfile)",
+    )
     r.target("agent RSS", ag.rss_mb, "MB", 60.0)
     r.target("agent CPU", ag.cpu_pct, "%", 1.0)
 
 
 def run_stream(r: Report, plan: Plan) -> None:
     st = eventstream.measure(plan.stream_rates, plan.stream_seconds)
-    r.add("events", {"steps": st.steps, "best": st.best, "first_behind": st.first_behind,
-                     "first_loss": st.first_loss})
+    r.add(
+        "events",
+        {
+            "steps": st.steps,
+            "best": st.best,
+            "first_behind": st.first_behind,
+            "first_loss": st.first_loss,
+        },
+    )
     s = "4. event stream (`events` CLI to a pipe, sample_rate 1)"
     for p in st.steps:
-        r.row(s, f"sockperf tp {p.mps} msg/s", f"offered {p.offered:,.0f} ev/s, drained "
-              f"{p.drained:,.0f} lines/s, backlog {p.backlog:,}, lost {p.lost:,}")
+        r.row(
+            s,
+            f"sockperf tp {p.mps} msg/s",
+            f"offered {p.offered:,.0f} ev/s, drained "
+            f"{p.drained:,.0f} lines/s, backlog {p.backlog:,}, lost {p.lost:,}",
+        )
     best, behind, loss = st.best, st.first_behind, st.first_loss
-    for label, step in (("highest rate drained, no loss", best),
-                        ("first rate not kept up with", behind), ("first rate with loss", loss)):
+    for label, step in (
+        ("highest rate drained, no loss", best),
+        ("first rate not kept up with", behind),
+        ("first rate with loss", loss),
+    ):
         r.row(s, label, fmt(step.offered if step else None, ",.0f", " ev/s"))
     for name, cap in st.capacity.items():
         r.row(s, f"drain capacity: {name}", fmt(cap, ",.0f", " ev/s (pre-filled ring)"))
@@ -122,16 +154,27 @@ def run_profile(r: Report, plan: Plan) -> None:
     s = "5. tcp_probe profile (bench/rtt_variants.bpf.c, one at a time, median of rounds)"
     prev: float | None = None
     for st in stages:
-        step = "" if prev is None or st.ns is None or not st.stage.startswith("s") else (
-            f" ({st.ns - prev:+.0f})")
-        r.row(s, f"{st.stage:<15} {st.what}",
-              f"{fmt(st.ns, '.0f', ' ns')}{step}  floor {fmt(st.floor_ns, '.0f', ' ns')}")
+        step = (
+            ""
+            if prev is None or st.ns is None or not st.stage.startswith("s")
+            else (f" ({st.ns - prev:+.0f})")
+        )
+        r.row(
+            s,
+            f"{st.stage:<15} {st.what}",
+            f"{fmt(st.ns, '.0f', ' ns')}{step}  floor {fmt(st.floor_ns, '.0f', ' ns')}",
+        )
         if st.stage.startswith("s"):
             prev = st.ns
 
 
-PARTS = {"hooks": run_hooks, "latency": run_latency, "userspace": run_userspace,
-         "events": run_stream, "profile": run_profile}
+PARTS = {
+    "hooks": run_hooks,
+    "latency": run_latency,
+    "userspace": run_userspace,
+    "events": run_stream,
+    "profile": run_profile,
+}
 
 
 def run_parts(r: Report, plan: Plan, only: list[str] | None) -> float:
@@ -156,8 +199,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
         return 1
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
     plan = QUICK if a.quick else FULL
     r = Report()
     stats_before, load0 = stats_sysctl(), os.getloadavg()[0]
@@ -165,13 +210,21 @@ def main() -> int:
     if stats_sysctl() != stats_before:
         r.notes.append(f"kernel.bpf_stats_enabled was {stats_before}, is {stats_sysctl()}")
     load1 = os.getloadavg()[0]
-    r.notes.append(f"load average {load0:.2f} at start, {load1:.2f} at end: other work on "
-                   "this machine shows up as noise in every figure")
+    r.notes.append(
+        f"load average {load0:.2f} at start, {load1:.2f} at end: other work on "
+        "this machine shows up as noise in every figure"
+    )
     print(r.table())
     print(f"\nbench: {elapsed:.0f} s; JSON: {a.out}")
-    meta = {"kernel": platform.release(), "cpus": os.cpu_count(), "seconds": elapsed,
-            "loadavg_start": load0, "loadavg_end": load1, "plan": asdict(plan),
-            "quick": a.quick}
+    meta = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "seconds": elapsed,
+        "loadavg_start": load0,
+        "loadavg_end": load1,
+        "plan": asdict(plan),
+        "quick": a.quick,
+    }
     r.write_json(a.out, meta)
     return 0
 

@@ -58,7 +58,10 @@ class Timing:
 
 
 def _cycle(
-    pins: Pins, prev: Snapshot, registry: CollectorRegistry, collector: TelemetryCollector,
+    pins: Pins,
+    prev: Snapshot,
+    registry: CollectorRegistry,
+    collector: TelemetryCollector,
     path: str,
 ) -> tuple[Timing, Snapshot]:
     """What Agent.cycle does: take, Window, update, generate_latest + atomic write;
@@ -100,10 +103,16 @@ def cycles(counts: tuple[int, ...], n: int) -> list[CycleResult]:
                 times.append(timing)
             got = sum(1 for name in take(pins).peers.values() if name != RESERVED_PEER)
             total = [x.total_ms for x in times]
-            out.append(CycleResult(
-                got, statistics.median(total), p95(total),
-                statistics.median(x.read_ms for x in times),
-                statistics.median(x.compute_ms for x in times), times[-1].size))
+            out.append(
+                CycleResult(
+                    got,
+                    statistics.median(total),
+                    p95(total),
+                    statistics.median(x.read_ms for x in times),
+                    statistics.median(x.compute_ms for x in times),
+                    times[-1].size,
+                )
+            )
     return out
 
 
@@ -130,8 +139,18 @@ def agent(peer_count: int, seconds: float, warmup: float) -> AgentResult:
         config = os.path.join(tmp, "config.toml")
         with open(config, "w") as f:
             f.write('node_name = "bench"\n' + probes.peers_toml(peer_count))
-        argv = [sys.executable, "-m", "ebpf_telemetry", "run", "--config", config,
-                "--pin-dir", t.pins, "--textfile", textfile]
+        argv = [
+            sys.executable,
+            "-m",
+            "ebpf_telemetry",
+            "run",
+            "--config",
+            config,
+            "--pin-dir",
+            t.pins,
+            "--textfile",
+            textfile,
+        ]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(warmup)

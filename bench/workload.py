@@ -61,8 +61,20 @@ def ping_pong(port: int, seconds: float, msg_size: int = 64) -> float:
 def paced(port: int, seconds: float, mps: int, msg_size: int = 16) -> int:
     """`sockperf tp --mps`: messages sent at a fixed rate; how many were sent."""
     text = _sockperf(
-        ["tp", "--tcp", "-i", HOST, "-p", str(port), "-t", str(seconds), "-m", str(msg_size),
-         "--mps", str(mps)],
+        [
+            "tp",
+            "--tcp",
+            "-i",
+            HOST,
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-m",
+            str(msg_size),
+            "--mps",
+            str(mps),
+        ],
         seconds + 30,
     )
     m = re.search(r"Total of (\d+) messages sent", text)

@@ -59,8 +59,11 @@ class Agent:
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
         self.writes = 0
+        self.failed_writes = 0
+        self.write_error: str | None = None  # the error of the failing streak, logged once
 
     def start(self) -> dict[str, str]:
+        loader.preflight(self.cfg)
         exporter.preflight(self.cfg.textfile)
         state = loader.attach(self.cfg)
         log.info("collectors", **state)
@@ -95,7 +98,9 @@ class Agent:
             if once or self.signals.stop:
                 break
         self.pins.close()
-        log.info("stopped", writes=self.writes, pins=self.cfg.pin_dir)
+        log.info(
+            "stopped", writes=self.writes, failed_writes=self.failed_writes, pins=self.cfg.pin_dir
+        )
         return 0
 
     def cycle(self, prev: Snapshot) -> tuple[Snapshot, bool]:
@@ -106,8 +111,14 @@ class Agent:
             exporter.write_textfile(self.cfg.textfile, self.registry)
             self.writes += 1
         except TelemetryError as e:
-            log.error("textfile not written; previous one kept", error=str(e))
+            self.failed_writes += 1
+            if str(e) != self.write_error:  # once per streak, not every interval
+                log.error("textfile not written; previous one kept", error=str(e))
+            self.write_error = str(e)
             return cur, False
+        if self.write_error is not None:
+            log.info("textfile written again", failed_writes=self.failed_writes)
+            self.write_error = None
         return cur, True
 
     def reload(self) -> None:
@@ -115,6 +126,10 @@ class Agent:
             new = config_mod.load(self.config_path, self.overrides)
             if new.pin_dir != self.cfg.pin_dir or new.max_peers != self.cfg.max_peers:
                 raise TelemetryError("pin_dir and max_peers need a restart (and unload)")
+            if new.listen != self.cfg.listen:
+                raise TelemetryError("listen needs a restart")
+            if new.textfile != self.cfg.textfile:
+                exporter.preflight(new.textfile)
             nodes.apply(self.pins, new)
         except TelemetryError as e:
             log.error("config not reloaded; keeping the old one", error=str(e))

@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from ebpf_telemetry import __version__
 from ebpf_telemetry.binding import TelemetryError
-from ebpf_telemetry.maps import DEFAULT_PIN_DIR, EVENT_TYPES, Pins, TelemetryEvent
+from ebpf_telemetry.maps import DEFAULT_PIN_DIR, EVENT_TYPES, Pins
 
 PROG = "ebpf-telemetry"
 
@@ -99,29 +100,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_events(a: argparse.Namespace) -> int:
-    from ebpf_telemetry.events import EventReader, as_json
+    from ebpf_telemetry.events import stream_json
 
     if a.count is not None and a.count <= 0:
         raise TelemetryError("--count must be > 0")
     _require_pins(a.pin_dir).close()
-    seen = 0
-
-    def on_event(e: TelemetryEvent) -> bool:
-        nonlocal seen
-        if a.type and e.type_name != a.type:
-            return True
-        print(as_json(e), flush=True)
-        seen += 1
-        return a.count is None or seen < a.count
-
-    reader = EventReader(a.pin_dir, on_event)
-    try:
-        while not reader.done:
-            reader.poll()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        reader.close()
+    with contextlib.suppress(KeyboardInterrupt):
+        stream_json(a.pin_dir, sys.stdout.buffer, a.type, a.count)
     return 0
 
 

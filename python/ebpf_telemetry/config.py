@@ -6,6 +6,7 @@ Every problem is a ConfigError with one line naming the key and the file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -55,11 +56,18 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+LOOPBACK = "127.0.0.1"
+MAX_INTERVAL = 86400.0
+MAX_SAMPLE_RATE = 2**32 - 1
+
+
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"listen: {value!r} is not HOST:PORT")
+    """HOST:PORT, [V6]:PORT; a bare PORT or :PORT means loopback (127.0.0.1):
+    serving every interface takes an explicit 0.0.0.0:PORT or [::]:PORT."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or LOOPBACK
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen: {value!r} is not HOST:PORT (or PORT for loopback)")
     return host, int(port)
 
 
@@ -67,10 +75,15 @@ def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...
     peers: dict[str, tuple[Network, ...]] = {}
     owner: dict[Network, str] = {}
     for name, cidrs in raw.items():
-        if not name or name == RESERVED_PEER or len(name.encode()) >= lib.PEER_NAME_LEN:
+        if (
+            not name
+            or name == RESERVED_PEER
+            or "\0" in name
+            or len(name.encode()) >= lib.PEER_NAME_LEN
+        ):
             raise ConfigError(
-                f"{where}: peer name {name!r} must be 1..{lib.PEER_NAME_LEN - 1} bytes "
-                f"and not '{RESERVED_PEER}'"
+                f"{where}: peer name {name!r} must be 1..{lib.PEER_NAME_LEN - 1} bytes, "
+                f"without NUL, and not '{RESERVED_PEER}'"
             )
         if isinstance(cidrs, str):
             cidrs = [cidrs]
@@ -112,10 +125,20 @@ def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -
 
 
 def validate(cfg: Config, where: str) -> None:
-    if not cfg.interval_seconds > 0:
+    if not (math.isfinite(cfg.interval_seconds) and cfg.interval_seconds > 0):
         raise ConfigError(f"{where}: interval_seconds must be > 0")
+    if cfg.interval_seconds > MAX_INTERVAL:
+        raise ConfigError(f"{where}: interval_seconds must be <= {MAX_INTERVAL:g}")
     if cfg.sample_rate < 0:
         raise ConfigError(f"{where}: sample_rate must be >= 0 (0 turns events off)")
+    if cfg.sample_rate > MAX_SAMPLE_RATE:
+        raise ConfigError(f"{where}: sample_rate must be <= {MAX_SAMPLE_RATE}")
+    for key in ("pin_dir", "textfile"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{where}: {key} must not be empty")
+    for key in ("node_name", "pin_dir", "textfile", "listen"):
+        if "\0" in (getattr(cfg, key) or ""):
+            raise ConfigError(f"{where}: {key} must not contain a NUL character")
     if not 1 <= cfg.max_peers <= lib.MAX_PEERS_LIMIT:
         raise ConfigError(f"{where}: max_peers must be 1..{lib.MAX_PEERS_LIMIT}")
     if len(cfg.peers) > cfg.max_peers:
@@ -123,7 +146,10 @@ def validate(cfg: Config, where: str) -> None:
     if not cfg.node_name:
         raise ConfigError(f"{where}: node_name must not be empty")
     if cfg.listen:
-        parse_listen(cfg.listen)
+        try:
+            parse_listen(cfg.listen)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:

@@ -9,9 +9,6 @@ from dataclasses import dataclass
 
 from ebpf_telemetry import btf, loader
 
-# capability bits (linux/capability.h)
-CAPS = {"CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
-
 
 @dataclass(frozen=True)
 class Check:
@@ -27,20 +24,12 @@ class Check:
         return f"{mark} {self.name}: {self.detail}{fix}"
 
 
-def effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def checks() -> Iterator[Check]:
     rel = platform.release()
     major, minor = (int(x) for x in rel.split(".")[:2])
     yield Check("kernel", (major, minor) >= (5, 15), rel, "needs Linux >= 5.15")
-    caps = effective_caps()
-    missing = [n for n, bit in CAPS.items() if not caps >> bit & 1]
+    caps = loader.effective_caps()
+    missing = [n for n, bit in loader.REQUIRED_CAPS.items() if not caps >> bit & 1]
     yield Check(
         "capabilities",
         not missing,

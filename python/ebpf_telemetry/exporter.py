@@ -42,8 +42,39 @@ def preflight(path: str) -> None:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
         raise TextfileError(f"textfile directory {directory}: {e.strerror}") from None
+    if not os.path.isdir(directory):
+        raise TextfileError(f"textfile directory {directory} is not a directory")
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        raise TextfileError(f"textfile directory {directory} is on a read-only filesystem")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise TextfileError(f"textfile directory {directory} is not writable")
+    remove_stale_temps(path)
+
+
+def _temp_name(path: str, pid: int) -> str:
+    return os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{pid}.tmp"
+    )
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Temporary files left by an agent killed mid-write (its pid gone)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}."
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name.removeprefix(prefix).removesuffix(".tmp")
+        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdecimal()):
+            continue
+        if int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))  # unlink never follows a symlink
+                removed.append(name)
+    return removed
 
 
 def write_textfile(path: str, registry: CollectorRegistry) -> int:
@@ -51,7 +82,7 @@ def write_textfile(path: str, registry: CollectorRegistry) -> int:
     data = generate_latest(registry)
     check_textfile_path(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = _temp_name(path, os.getpid())
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)

@@ -131,11 +131,56 @@ def ensure_mount(target: str, fstype: str, options: str = "") -> None:
 
 
 def ensure_bpffs(pin_dir: str) -> None:
+    """bpffs mounted under pin_dir; creates nothing (make_pin_dir does, after checks)."""
     if mounted_fstype(os.path.dirname(pin_dir.rstrip("/")) or "/") != "bpf":
         ensure_mount(BPFFS_ROOT, "bpf", "mode=0700")
     if mounted_fstype(os.path.dirname(pin_dir.rstrip("/"))) != "bpf":
         raise TelemetryError(f"pin dir {pin_dir} is not on a BPF filesystem (mount -t bpf)")
-    os.makedirs(os.path.join(pin_dir, "links"), mode=0o700, exist_ok=True)
+    if os.path.lexists(pin_dir) and not os.path.isdir(pin_dir):
+        raise TelemetryError(f"pin dir {pin_dir} exists and is not a directory")
+
+
+def make_pin_dir(pin_dir: str) -> None:
+    """The pin dir and its links/ dir, root-only (0700) when we create them."""
+    try:
+        for d in (pin_dir, os.path.join(pin_dir, "links")):
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                os.chmod(d, 0o700)
+    except OSError as e:
+        raise TelemetryError(f"cannot create pin dir {pin_dir}: {e.strerror}") from None
+
+
+# -- privileges -----------------------------------------------------------------
+
+# what `run` needs (docs/security.md): CAP_BPF (maps, programs), CAP_PERFMON
+# (tracing programs, tracepoints), CAP_SYS_ADMIN (BTF of pinned maps by id for
+# the layout check, mounting bpffs/tracefs)
+REQUIRED_CAPS = {"CAP_BPF": 39, "CAP_PERFMON": 38, "CAP_SYS_ADMIN": 21}
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def require_caps() -> None:
+    caps = effective_caps()
+    missing = [n for n, bit in REQUIRED_CAPS.items() if not caps >> bit & 1]
+    if missing:
+        raise TelemetryError(
+            f"missing capabilities {', '.join(missing)}: run as root or grant "
+            f"{' '.join(REQUIRED_CAPS)} (see docs/security.md)"
+        )
+
+
+def preflight(cfg: Config) -> None:
+    """What `run` checks before it touches anything: privileges, then BTF."""
+    require_caps()
+    btf.require_btf()
 
 
 # -- load / attach ----------------------------------------------------------------
@@ -172,9 +217,10 @@ def attach(cfg: Config) -> dict[str, str]:
 
     Returns collector -> how it runs ("tp_btf", "tracepoint", "pinned" when
     reused as it was, "missing" when this kernel lacks its hook)."""
-    btf.require_btf()
+    preflight(cfg)
     ensure_bpffs(cfg.pin_dir)
     _check_existing(cfg)
+    make_pin_dir(cfg.pin_dir)
     state: dict[str, str] = {}
     todo: dict[Collector, str] = {}
     hooks = plan()
