@@ -24,7 +24,6 @@ GRACE = 1.0  # seconds for the consumer to catch up after a step
 RING_EVENTS = (1 << 24) // 40  # 16 MiB of 32-byte records + 8-byte headers
 IDLE_LINES = 5_000  # per 0.5 s: the ring is drained, only background flows
 FILL = 250_000  # events pre-filled for the drain-capacity run (< RING_EVENTS)
-FAST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_events.py")
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,6 @@ def cli_argv(pin_dir: str) -> list[str]:
     return [sys.executable, "-m", "ebpf_telemetry", "events", "--pin-dir", pin_dir]
 
 
-def fast_argv(pin_dir: str) -> list[str]:
-    return [sys.executable, FAST, "--pin-dir", pin_dir]
-
-
 def _ladder(
     pins: Pins, pin_dir: str, port: int, rates: tuple[int, ...], seconds: float
 ) -> list[Step]:
@@ -183,9 +178,9 @@ def measure(rates: tuple[int, ...], seconds: float) -> StreamResult:
     ):
         t.detach("sched")
         result.steps = _ladder(pins, t.pins, port, rates, seconds)
-        for name, argv in (("cli", cli_argv(t.pins)), ("bench fast_events.py", fast_argv(t.pins))):
-            _drain_ring(argv)
-            result.capacity[name] = _capacity(pins, argv, port)
+        argv = cli_argv(t.pins)
+        _drain_ring(argv)
+        result.capacity["cli"] = _capacity(pins, argv, port)
     return result
 
 

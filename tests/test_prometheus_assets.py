@@ -635,7 +635,7 @@ def test_systemd_unit_is_hardened() -> None:
     assert svc["ExecStart"] == (
         "/opt/ebpf-telemetry/venv/bin/ebpf-telemetry run --config /etc/ebpf-telemetry/config.toml"
     )
-    caps = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"}
+    caps = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
     assert set(svc["CapabilityBoundingSet"].split()) == caps
     assert set(svc["AmbientCapabilities"].split()) == caps
     expected = {
@@ -699,7 +699,7 @@ def test_daemonset_manifest() -> None:
 
     sc = agent["securityContext"]
     assert sc["privileged"] is False
-    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"}
+    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "SYS_ADMIN"}
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert sc.get("allowPrivilegeEscalation") is not False  # always true with SYS_ADMIN
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
