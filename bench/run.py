@@ -8,7 +8,7 @@ Measures, each in the same run as its comparison:
 Prints a table and writes the same figures as JSON. Leaves nothing attached:
 every pin dir is /sys/fs/bpf/ebt-bench-<pid>-<part> and is unloaded after use.
 
-    bench/run.py [--out PATH] [--quick] [--only hooks|latency|userspace|events|profile]
+    bench/run.py [--out PATH] [--quick] [--only hooks|latency|userspace|events]
 Needs root, the built object, sockperf, bpftrace, libbpf-tools (runqlat), clang.
 """
 
@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eventstream
 import hooks
 import latency
-import rttprofile
 import userspace
 from bpfstats import stats_sysctl
 from report import Report, fmt, ratio
@@ -45,12 +44,10 @@ class Plan:
     agent_warmup: float
     stream_seconds: float
     stream_rates: tuple[int, ...]
-    profile_seconds: float
-    profile_rounds: int
 
 
-FULL = Plan(20, 8, 3, 50, 60, 8, 3, (2000, 5000, 10000, 20000, 50000, 100000), 2, 10)
-QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000), 1, 3)
+FULL = Plan(20, 8, 3, 50, 60, 8, 3, (2000, 5000, 10000, 20000, 50000, 100000))
+QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000))
 PEER_COUNTS = (1, 64, 255)
 
 
@@ -148,32 +145,11 @@ def run_stream(r: Report, plan: Plan) -> None:
     r.target_min("event stream (CLI drain)", cli / 1000 if cli else None, "k/s", 200.0)
 
 
-def run_profile(r: Report, plan: Plan) -> None:
-    stages = rttprofile.measure(plan.profile_seconds, plan.profile_rounds)
-    r.add("rtt_profile", stages)
-    s = "5. tcp_probe profile (bench/rtt_variants.bpf.c, one at a time, median of rounds)"
-    prev: float | None = None
-    for st in stages:
-        step = (
-            ""
-            if prev is None or st.ns is None or not st.stage.startswith("s")
-            else (f" ({st.ns - prev:+.0f})")
-        )
-        r.row(
-            s,
-            f"{st.stage:<15} {st.what}",
-            f"{fmt(st.ns, '.0f', ' ns')}{step}  floor {fmt(st.floor_ns, '.0f', ' ns')}",
-        )
-        if st.stage.startswith("s"):
-            prev = st.ns
-
-
 PARTS = {
     "hooks": run_hooks,
     "latency": run_latency,
     "userspace": run_userspace,
     "events": run_stream,
-    "profile": run_profile,
 }
 
 
