@@ -215,7 +215,33 @@ def cleanup_stale_netns() -> list[str]:
     return removed
 
 
-class NetnsThread(Generic[T]):
+class _Running:
+    """A context manager: start() on enter, stop() on exit. A failure of stop()
+    never hides the failure that ended the block."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.stop()
+        else:
+            with contextlib.suppress(Exception):
+                self.stop()
+
+
+class NetnsThread(_Running, Generic[T]):
     """A thread that joins a network namespace, then runs ``fn(stop_event)``.
 
     For long-running functions (servers): ``fn`` gets a :class:`threading.Event`
@@ -267,22 +293,6 @@ class NetnsThread(Generic[T]):
         """Set the stop event, then :meth:`result`."""
         self.stop_event.set()
         return self.result(timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.stop()
-        else:
-            # Do not hide the original failure behind the thread's.
-            with contextlib.suppress(Exception):
-                self.stop()
 
 
 def run_in_netns(ns: Netns | str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -758,7 +768,7 @@ def _configure_tun(
         wait_until(ready, timeout=timeout, what=f"{ifname} ready")
 
 
-class DelayLine:
+class DelayLine(_Running):
     """Two namespaces joined through TUN devices with a fixed one-way delay.
 
     ``ns_a`` gets ``addr_a`` (and ``addr6_a``) on its TUN device and a host
@@ -896,21 +906,6 @@ class DelayLine:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.stop()
-        else:
-            with contextlib.suppress(Exception):
-                self.stop()
-
 
 # --------------------------------------------------------------------------
 # TCP_INFO
@@ -986,7 +981,7 @@ def _endpoint(sockaddr: Any) -> Endpoint:
     return norm_addr(sockaddr[0]), int(sockaddr[1])
 
 
-class TcpEchoServer:
+class TcpEchoServer(_Running):
     """A TCP echo server listening on ``addr`` in ``ns`` (``.port`` once started).
 
     ``addr`` may be a wildcard: ``"0.0.0.0"``, or ``"::"`` for both families.
@@ -1124,21 +1119,6 @@ class TcpEchoServer:
                 if s is not None:
                     s.close()
             self._listener = self._wake_r = self._wake_w = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.stop()
-        else:
-            with contextlib.suppress(Exception):
-                self.stop()
 
 
 # --------------------------------------------------------------------------
