@@ -95,8 +95,15 @@ def apply(pins: Pins, cfg: Config) -> None:
             stale.add(int(addr_map.lookup(k)[0]))
             addr_map.delete(k)
         pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
+    # only the CIDRs that change are touched: no moment without the table
+    wanted = {
+        bytes(ffi.buffer(k)): (k, node_id)
+        for name, node_id in ids.items()
+        for k in (peer_key(net) for net in cfg.peers[name])
+    }
     for k in list(cidr_map.keys("struct peer_key")):
-        cidr_map.delete(k)
+        if bytes(ffi.buffer(k)) not in wanted:
+            cidr_map.delete(k)
     for node_id in stale - set(ids.values()):
         info_map.update(ffi.new("__u32 *", node_id), _info(0))
         pins.zero_node(node_id)
@@ -104,8 +111,8 @@ def apply(pins: Pins, cfg: Config) -> None:
         if current.get(name) != node_id:
             pins.zero_node(node_id)
         info_map.update(ffi.new("__u32 *", node_id), _info(lib.PEER_NAMED, name))
-        for net in cfg.peers[name]:
-            cidr_map.update(peer_key(net), ffi.new("__u32 *", node_id))
+    for k, node_id in wanted.values():
+        cidr_map.update(k, ffi.new("__u32 *", node_id))
     info_map.update(ffi.new("__u32 *", other), _info(lib.PEER_OTHER, RESERVED_PEER))
 
     s = ffi.new("struct settings *")
