@@ -200,22 +200,14 @@ def test_textfile_parses_and_second_run_continues(
 def test_bpftool_dumps_btf_formatted_values(make_config: Any) -> None:
     cfg = make_config()
     attach(cfg).close()
-    out = subprocess.run(
-        ["bpftool", "map", "dump", "pinned", f"{cfg.pin_dir}/node_metrics_map"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+
+    def dump(name: str) -> str:
+        cmd = ["bpftool", "map", "dump", "pinned", f"{cfg.pin_dir}/{name}"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    out = dump("node_metrics_map")
     assert '"rtt_count":' in out and '"cpu":' in out
-    out = subprocess.run(
-        ["bpftool", "map", "dump", "pinned", f"{cfg.pin_dir}/rtt_hist_map"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    assert '"slots": [' in out
+    assert '"slots": [' in dump("rtt_hist_map")
 
 
 def test_events_carry_every_rtt_sample_at_rate_1(make_config: Any, lab: Any) -> None:
