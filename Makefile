@@ -6,10 +6,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CLANG ?= clang
-BPF_CFLAGS := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) -Ivmlinux/$(ARCH) -Ibpf -Wall -Werror
+bpf_cflags = -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(1) -Ivmlinux/$(1) -Ibpf -Wall -Werror
+BPF_CFLAGS := $(call bpf_cflags,$(ARCH))
 BPF_HEADERS := $(wildcard bpf/*.h)
 OBJ := python/ebpf_telemetry/data/telemetry.bpf.o
-TEST_OBJ := build/slot_test.bpf.o
+TEST_OBJ := build/slot_test.bpf.o build/telemetry-reject.bpf.o build/arm64/telemetry.bpf.o
 RUN_ARGS ?=
 PYTEST_ARGS ?=
 SOAK_ARGS ?= --duration 600
@@ -17,8 +18,12 @@ SOAK_ARGS ?= --duration 600
 APT_BUILD := clang llvm libbpf-dev libbpf1 bpftool libelf-dev zlib1g-dev gcc python3-venv python3-dev
 APT_TEST := iproute2 nftables prometheus prometheus-node-exporter
 APT_BENCH := sockperf bpftrace libbpf-tools
+# virtme-ng boots Debian's kernels on the host's root: qemu, busybox for its
+# initramfs, kmod (depmod, and modprobe in the guest), udev for its virtio ports
+APT_KERNELS := qemu-system-x86 busybox-static kmod udev
+VIRTME_NG := virtme-ng==1.42
 
-.PHONY: all build deps deps-test deps-bench mounts run test lint bench soak clean vmlinux docs
+.PHONY: all build deps deps-test deps-bench deps-kernels mounts run test test-kernels lint bench soak clean vmlinux docs
 
 all: build
 
@@ -42,6 +47,10 @@ deps-test: deps
 deps-bench: deps
 	$(call apt_install,$(APT_BENCH))
 
+deps-kernels: deps-test $(VENV)/.stamp
+	$(call apt_install,$(APT_KERNELS))
+	$(VENV)/bin/pip install -q '$(VIRTME_NG)'
+
 mounts:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
@@ -49,6 +58,18 @@ mounts:
 build/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h | deps
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+	llvm-strip -g $@
+
+# tests: the object with one program that no kernel's verifier accepts
+build/telemetry-reject.bpf.o: bpf/telemetry.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h | deps
+	@mkdir -p build
+	$(CLANG) $(BPF_CFLAGS) -DEBT_TEST_REJECT -c $< -o $@
+	llvm-strip -g $@
+
+# the object built for arm64 as well (vmlinux/arm64/README.md: why one header serves both)
+build/arm64/telemetry.bpf.o: bpf/telemetry.bpf.c $(BPF_HEADERS) vmlinux/arm64/vmlinux.h | deps
+	@mkdir -p build/arm64
+	$(CLANG) $(call bpf_cflags,arm64) -c $< -o $@
 	llvm-strip -g $@
 
 $(OBJ): build/telemetry.bpf.o
@@ -69,6 +90,12 @@ run: build mounts
 test: build deps-test mounts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# the kernel tests on the host and on Debian's newest 6.1 and 6.12 kernels
+# (fetched into build/kernels/, booted with virtme-ng); prints a table
+KERNELS_ARGS ?=
+test-kernels: build deps-kernels mounts
+	$(VENV)/bin/python tests/kernel_matrix.py $(KERNELS_ARGS)
+
 lint: build
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
@@ -80,6 +107,7 @@ bench: build deps-bench mounts
 
 docs: build
 	$(PY) -m ebpf_telemetry.metrics > docs/metrics.md
+	$(PY) -m ebpf_telemetry.plan > docs/kernels.md
 
 # 10 minutes at >= 50k RTT events/s across 255 peers; prints its figures.
 # Not part of `make test`, and not to be run beside it (it fills peer tables).

@@ -15,7 +15,7 @@ from typing import Any
 
 from bpfstats import link_prog_id, prog_ids_of_pid, prog_stats
 
-from ebpf_telemetry import loader
+from ebpf_telemetry import loader, plan
 from ebpf_telemetry.binding import check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config, Network
 
@@ -51,7 +51,7 @@ class Telemetry:
     def __post_init__(self) -> None:
         self.cfg = replace(Config(), pin_dir=self.pins, node_name="bench")
 
-    def attach(self, sample_rate: int = 100, obj: str | None = None) -> dict[str, str]:
+    def attach(self, sample_rate: int = 100, obj: str | None = None) -> list[loader.Running]:
         self.cfg = replace(self.cfg, sample_rate=sample_rate)
         old = os.environ.get("EBPF_TELEMETRY_OBJECT")
         if obj:
@@ -73,19 +73,17 @@ class Telemetry:
 
     def detach(self, collector: str) -> None:
         """Remove a collector's pinned links: its programs detach."""
-        for c in loader.COLLECTORS:
-            if c.name == collector:
-                for h in c.hooks:
-                    os.unlink(loader.link_path(self.pins, h))
+        for tp in plan.BY_NAME[collector].tracepoints:
+            os.unlink(loader.link_path(self.pins, tp))
 
     def prog_ids(self) -> dict[str, int]:
         """hook name -> id of our program on it."""
         out: dict[str, int] = {}
-        for c in loader.COLLECTORS:
-            for h in c.hooks:
-                path = loader.link_path(self.pins, h)
+        for c in plan.COLLECTORS:
+            for tp in c.tracepoints:
+                path = loader.link_path(self.pins, tp)
                 if os.path.exists(path):
-                    out[h.name] = link_prog_id(path)
+                    out[tp] = link_prog_id(path)
         return out
 
     def unload(self) -> None:

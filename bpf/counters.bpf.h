@@ -11,7 +11,7 @@ static __always_inline void hist_add(void *map, __u32 idx, __u32 slot)
 
 	/* the compiler knows slot < MAX_SLOTS and would drop the check the
 	 * verifier needs: hide what it knows */
-	asm volatile("" : "+r"(slot));
+	barrier_var(slot);
 	if (h && slot < MAX_SLOTS)
 		h->slots[slot] += 1;
 }

@@ -77,8 +77,10 @@ static __always_inline void record_drop(const struct settings *s, const void *sk
 	emit_event(s, EVENT_DROP, node, reason, 0);
 }
 
+/* kfree_skb passes its drop reason since 5.17; the loader picks one of the
+ * two (plan.py). Without it every drop counts as DROP_REASON_UNKNOWN. */
 SEC("tp_btf/kfree_skb")
-int BPF_PROG(kfree_skb_btf, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+int BPF_PROG(kfree_skb_reason, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
 	const struct settings *s = get_settings();
 
@@ -87,13 +89,13 @@ int BPF_PROG(kfree_skb_btf, struct sk_buff *skb, void *location, enum skb_drop_r
 	return 0;
 }
 
-SEC("tracepoint/skb/kfree_skb")
-int kfree_skb_tp(struct trace_event_raw_kfree_skb *ctx)
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(kfree_skb, struct sk_buff *skb, void *location)
 {
 	const struct settings *s = get_settings();
 
 	if (s)
-		record_drop(s, ctx->skbaddr, ctx->reason);
+		record_drop(s, skb, DROP_REASON_UNKNOWN);
 	return 0;
 }
 

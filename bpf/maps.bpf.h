@@ -150,21 +150,13 @@ struct {
 	__type(value, struct sock_peer);
 } sock_peer_cache SEC(".maps");
 
-/* not pinned: when a task became runnable (tp_btf path: task storage) */
+/* not pinned: when a task became runnable */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, __u64);
 } task_enqueued SEC(".maps");
-
-/* not pinned: the same by pid, for the classic-tracepoint fallback */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, __u64);
-} pid_enqueued SEC(".maps");
 
 static __always_inline void stat_inc(__u32 idx)
 {

@@ -80,7 +80,7 @@ static __always_inline __u32 peer_find(const struct settings *s, struct peer_key
 	return id ? *id : NODE_HOST;
 }
 
-/* tp_btf path: the socket's node id. First the CPU's last address (a run of
+/* the socket's node id. First the CPU's last address (a run of
  * one connection's segments costs two compares), then the socket's storage,
  * then the tables; every cache is valid for one generation of the table. */
 static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk, __u32 *overflow)

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Retransmits, counted as the kernel's TcpRetransSegs counts them: segments
- * (tcp_skb_pcount) of every data retransmit that went out (err == 0), and
- * every SYN-ACK retransmit, per peer and in node 0.
+ * Retransmits: segments (tcp_skb_pcount) of every data retransmit that went
+ * out (err == 0), and every SYN-ACK retransmit, per peer and in node 0. The
+ * kernel's TcpRetransSegs counts the same, but for the rare retransmit the
+ * device layer then refused (counted there before it is sent).
  */
 #ifndef __RETRANS_BPF_H
 #define __RETRANS_BPF_H
@@ -36,68 +37,54 @@ static __always_inline void record_retrans(const struct settings *s, __u32 node,
 	emit_event(s, EVENT_RETRANS, node, segs, state);
 }
 
-static __always_inline void key_from_raw(struct peer_key *key, __u16 family, const void *v4,
-					 const void *v6)
-{
-	__u32 a4 = 0;
-
-	if (family == AF_INET) {
-		bpf_probe_read_kernel(&a4, 4, v4);
-		key_from_ipv4(key, a4);
-	} else {
-		key->prefixlen = 128;
-		bpf_probe_read_kernel(key->addr, ADDR_LEN, v6);
-	}
-}
-
-/* the paths without a socket cache: classify the remote address, count */
-static __always_inline int retrans_to(const void *v4, const void *v6, __u16 family, __u32 segs,
-				      __u32 state, int err)
-{
-	const struct settings *s = get_settings();
-	struct peer_key key;
-	__u32 node, overflow;
-
-	if (!s || err)
-		return 0;
-	key_from_raw(&key, family, v4, v6);
-	node = peer_lookup(s, &key, &overflow);
-	record_retrans(s, node, overflow, segs, state);
-	return 0;
-}
-
-SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit_skb_btf, const struct sock *sk, const struct sk_buff *skb, int err)
+static __always_inline int retrans_sk(const struct sock *sk, const struct sk_buff *skb)
 {
 	const struct settings *s = get_settings();
 	__u32 node, overflow;
 
-	if (!s || err)
+	if (!s)
 		return 0;
 	node = sock_node(s, (struct sock *)sk, &overflow);
 	record_retrans(s, node, overflow, tcp_pcount(skb), sk->__sk_common.skc_state);
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int tcp_retransmit_skb_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
+/* Two programs for one tracepoint; the loader picks the one whose arguments
+ * this kernel passes (plan.py). Since 6.17 the tracepoint also fires for
+ * attempts that failed and passes `err`; before, it fired only for a
+ * retransmit that went out. Both count the same. */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(tcp_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb, int err)
 {
-	return retrans_to(ctx->daddr, ctx->daddr_v6, ctx->family, tcp_pcount(ctx->skbaddr),
-			  ctx->state, ctx->err);
+	return err ? 0 : retrans_sk(sk, skb);
 }
 
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(tcp_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retrans_sk(sk, skb);
+}
+
+/* request sockets: classified by address, never through a socket cache */
 SEC("tp_btf/tcp_retransmit_synack")
-int BPF_PROG(tcp_retransmit_synack_btf, const struct sock *sk, const struct request_sock *req)
+int BPF_PROG(tcp_retransmit_synack, const struct sock *sk, const struct request_sock *req)
 {
+	const struct settings *s = get_settings();
 	const struct sock_common *c = &req->__req_common;
+	struct peer_key key;
+	__u32 node, overflow;
 
-	return retrans_to(&c->skc_daddr, &c->skc_v6_daddr, c->skc_family, 1, TCP_SYN_RECV, 0);
-}
-
-SEC("tracepoint/tcp/tcp_retransmit_synack")
-int tcp_retransmit_synack_tp(struct trace_event_raw_tcp_retransmit_synack *ctx)
-{
-	return retrans_to(ctx->daddr, ctx->daddr_v6, ctx->family, 1, TCP_SYN_RECV, 0);
+	if (!s)
+		return 0;
+	if (c->skc_family == AF_INET) {
+		key_from_ipv4(&key, c->skc_daddr);
+	} else {
+		key.prefixlen = 128;
+		__builtin_memcpy(key.addr, &c->skc_v6_daddr, ADDR_LEN);
+	}
+	node = peer_lookup(s, &key, &overflow);
+	record_retrans(s, node, overflow, 1, TCP_SYN_RECV);
+	return 0;
 }
 
 #endif /* __RETRANS_BPF_H */

@@ -2,8 +2,7 @@
 /*
  * Run-queue latency (sched_wakeup, sched_wakeup_new, sched_switch): the time
  * from a task becoming runnable (woken, or preempted while running) to it
- * running, in node 0. The enqueue time lives in task storage (tp_btf) or a
- * pid hash (tracepoint fallback).
+ * running, in node 0. The enqueue time lives in task storage (5.11).
  * CPU utilisation: sched_switch to or from the idle task (pid 0) splits each
  * CPU's time into idle and busy (cpu_time_map); userspace takes the ratio
  * over its interval.
@@ -14,6 +13,7 @@
 #include "counters.bpf.h"
 #include "events.bpf.h"
 #include "bits.bpf.h"
+#include "core_fixes.bpf.h"
 
 #define TASK_RUNNING 0
 
@@ -64,8 +64,6 @@ static __always_inline void record_runqlat(const struct settings *s, __u64 delta
 	emit_event(s, EVENT_RUNQLAT, NODE_HOST, us, pid);
 }
 
-/* ---- tp_btf: task storage ---- */
-
 static __always_inline int enqueue_task(struct task_struct *p)
 {
 	__u64 *ts;
@@ -79,19 +77,19 @@ static __always_inline int enqueue_task(struct task_struct *p)
 }
 
 SEC("tp_btf/sched_wakeup")
-int BPF_PROG(sched_wakeup_btf, struct task_struct *p)
+int BPF_PROG(sched_wakeup, struct task_struct *p)
 {
 	return enqueue_task(p);
 }
 
 SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(sched_wakeup_new_btf, struct task_struct *p)
+int BPF_PROG(sched_wakeup_new, struct task_struct *p)
 {
 	return enqueue_task(p);
 }
 
-SEC("tp_btf/sched_switch")
-int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct task_struct *next)
+static __always_inline int on_switch(bool preempt, struct task_struct *prev,
+				     struct task_struct *next, __s64 prev_state)
 {
 	const struct settings *s = get_settings();
 	__u64 now = bpf_ktime_get_ns(), *ts;
@@ -99,7 +97,8 @@ int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct ta
 	if (!s)
 		return 0;
 	cpu_account(prev->pid == 0, next->pid == 0, now);
-	if (prev->pid && prev->__state == TASK_RUNNING) {
+	/* preempted (whatever state it was about to sleep in) or still runnable */
+	if (prev->pid && (preempt || prev_state == TASK_RUNNING)) {
 		ts = bpf_task_storage_get(&task_enqueued, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (ts)
 			*ts = now;
@@ -114,49 +113,20 @@ int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev, struct ta
 	return 0;
 }
 
-/* ---- classic tracepoints: pid hash ---- */
-
-static __always_inline int enqueue_pid(__u32 pid)
+/* Two programs for one tracepoint, the loader picks one (plan.py): since
+ * 5.18 sched_switch passes prev's state as the scheduler saw it; before,
+ * the task's own state field is read (as libbpf-tools' runqlat does). */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch_state, bool preempt, struct task_struct *prev, struct task_struct *next,
+	     unsigned int prev_state)
 {
-	__u64 now = bpf_ktime_get_ns();
-
-	if (pid)
-		bpf_map_update_elem(&pid_enqueued, &pid, &now, BPF_ANY);
-	return 0;
+	return on_switch(preempt, prev, next, prev_state);
 }
 
-SEC("tracepoint/sched/sched_wakeup")
-int sched_wakeup_tp(struct trace_event_raw_sched_wakeup_template *ctx)
+SEC("tp_btf/sched_switch")
+int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	return enqueue_pid(ctx->pid);
-}
-
-SEC("tracepoint/sched/sched_wakeup_new")
-int sched_wakeup_new_tp(struct trace_event_raw_sched_wakeup_template *ctx)
-{
-	return enqueue_pid(ctx->pid);
-}
-
-SEC("tracepoint/sched/sched_switch")
-int sched_switch_tp(struct trace_event_raw_sched_switch *ctx)
-{
-	const struct settings *s = get_settings();
-	__u32 prev = ctx->prev_pid, next = ctx->next_pid;
-	__u64 now = bpf_ktime_get_ns(), *ts;
-
-	if (!s)
-		return 0;
-	cpu_account(prev == 0, next == 0, now);
-	if (prev && ctx->prev_state == TASK_RUNNING)
-		bpf_map_update_elem(&pid_enqueued, &prev, &now, BPF_ANY);
-	if (!next)
-		return 0;
-	ts = bpf_map_lookup_elem(&pid_enqueued, &next);
-	if (ts) {
-		record_runqlat(s, now - *ts, next);
-		bpf_map_delete_elem(&pid_enqueued, &next);
-	}
-	return 0;
+	return on_switch(preempt, prev, next, get_task_state(prev));
 }
 
 #endif /* __SCHED_BPF_H */

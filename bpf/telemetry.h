@@ -17,6 +17,7 @@
 #define PEER_NAME_LEN 60
 #define ADDR_LEN 16            /* IPv6, or IPv4 mapped as ::ffff:a.b.c.d */
 #define MAX_DROP_REASONS 1024  /* drop_reasons_map index; subsystem reasons share the last */
+#define DROP_REASON_UNKNOWN 1022 /* kernels whose kfree_skb passes no reason (< 5.17) */
 #define CPU_UTIL_PERIOD_NS 100000000
 #define CPU_UTIL_SCALE 10000   /* node_metrics.cpu_util: basis points of one CPU */
 

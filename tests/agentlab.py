@@ -1,21 +1,40 @@
-"""Helpers for kernel tests: attach into a test pin dir, find peers, drain events."""
+"""Helpers for kernel tests: attach into a test pin dir, find peers, drain
+events, run the CLI."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from types import TracebackType
 from typing import Any, Self
 
 from ebpf_telemetry import loader
 from ebpf_telemetry.events import EventReader
+from ebpf_telemetry.facts import KernelFacts
 from ebpf_telemetry.maps import Pins, TelemetryEvent
 from ebpf_telemetry.snapshot import Snapshot
 
 
-def attach(cfg: Any) -> Pins:
-    state = loader.attach(cfg)
-    assert set(state.values()) <= {"tp_btf", "tracepoint"}, state
+def attach(cfg: Any, kernel: KernelFacts | None = None) -> Pins:
+    """Attach every collector (planned with `kernel`, default this kernel's facts)."""
+    state = loader.attach(cfg, kernel)
+    assert all(r.up for r in state), state
     return Pins(cfg.pin_dir)
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`ebpf-telemetry ARGS` as a user runs it: its own process, output captured."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "ebpf_telemetry", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def peer_id(snap: Snapshot, label: str) -> int:

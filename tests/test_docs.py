@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ebpf_telemetry import metrics
+from ebpf_telemetry import metrics, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +19,9 @@ def test_readme_lists_every_metric() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in metrics.METRICS if name not in readme]
     assert not missing, f"README.md does not mention {missing}"
+
+
+def test_kernels_md_is_generated_from_the_plan() -> None:
+    assert (ROOT / "docs" / "kernels.md").read_text() == plan.markdown(), (
+        "docs/kernels.md is stale: run `make docs`"
+    )

@@ -50,12 +50,9 @@ def exchange(client_ns: Netns, server_ns: Netns, addr: str, count: int) -> None:
         tcp_pingpong(client_ns, addr, srv.port, count)
 
 
-@pytest.mark.parametrize("hook", ["tp_btf", "tracepoint"])
-def test_auto_peers_ipv4_and_ipv6(
-    make_config: Any, lab: Any, hook: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.matrix
+def test_auto_peers_ipv4_and_ipv6(make_config: Any, lab: Any) -> None:
     a, b, veth = lab
-    monkeypatch.setenv("EBPF_TELEMETRY_HOOK", hook)
     with attach(make_config()) as pins:
         exchange(a, b, veth.v4_b, 50)
         exchange(a, b, veth.v6_b, 50)
@@ -105,6 +102,7 @@ def test_peer_table_overflow_counts_under_other(make_config: Any) -> None:
     assert veth.v4_a  # the server side's one remote address is a peer or other too
 
 
+@pytest.mark.matrix
 def test_delay_line_p50_within_10_percent(make_config: Any) -> None:
     delay = 0.005
     with Netns("a") as a, Netns("b") as b, DelayLine(a, b, delay, "10.242.0.1", "10.242.0.2"):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agentlab import EventDrain, attach, peer_id
-from ebpf_telemetry import btf, loader
+from ebpf_telemetry import btf, facts, loader
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Window, take
 from netlab import (
@@ -41,14 +41,20 @@ def snmp_retrans(ns: Netns) -> int:
     return run_in_netns(ns, read)
 
 
-def test_retransmits_equal_kernel_snmp(make_config: Any) -> None:
+@pytest.mark.matrix
+@pytest.mark.parametrize("forced", [None, "tracepoint:tcp_retransmit_skb:2"])
+def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> None:
+    # forced: the program for kernels whose tracepoint passes no `err` (and
+    # fires only for retransmits that went out); where the kernel does pass
+    # err it also fires for failed attempts, so it may count more there
+    kernel = facts.read().without(forced) if forced else None
     with (
         Netns("a") as a,
         Netns("b") as b,
         DelayLine(a, b, 0.001, "10.243.0.1", "10.243.0.2", loss=0.15, seed=7),
     ):
         cfg = make_config(peers={"a": ["10.243.0.1/32"], "b": ["10.243.0.2/32"]})
-        with attach(cfg) as pins:
+        with attach(cfg, kernel) as pins:
             before = take(pins), snmp_retrans(a), snmp_retrans(b)
             with TcpEchoServer(b, "10.243.0.2") as srv:
                 for _ in range(4):
@@ -60,7 +66,10 @@ def test_retransmits_equal_kernel_snmp(make_config: Any) -> None:
     snmp_a, snmp_b = after[1] - before[1], after[2] - before[2]
     print(f"\nretransmits: ours a->b {ours_a} b->a {ours_b}; TcpRetransSegs a {snmp_a} b {snmp_b}")
     assert snmp_a + snmp_b > 10  # the loss made some
-    assert (ours_a, ours_b) == (snmp_a, snmp_b)
+    if forced and has_err_arg():
+        assert snmp_a <= ours_a <= snmp_a * 1.05 and snmp_b <= ours_b <= snmp_b * 1.05
+    else:
+        assert (ours_a, ours_b) == (snmp_a, snmp_b)
     assert w.node(0).retrans_count >= ours_a + ours_b
 
 
@@ -86,6 +95,7 @@ def drops_by_name(pins: Pins) -> dict[str, int]:
     return {names[r]: c for r, c in pins.drops().items()}
 
 
+@pytest.mark.matrix
 def test_drops_no_socket(drop_lab: Any) -> None:
     a, _, veth, pins = drop_lab
     before, d0 = take(pins), drops_by_name(pins)
@@ -180,8 +190,12 @@ def runqlat_window(pins: Pins, seconds: float, busy: int) -> tuple[float, int, i
     return p50, mine, runs1 - runs0
 
 
-def test_runqueue_latency_under_load_and_count(make_config: Any) -> None:
-    with attach(make_config(sample_rate=1)) as pins:
+@pytest.mark.matrix
+@pytest.mark.parametrize("forced", [None, "tracepoint:sched_switch:3"])
+def test_runqueue_latency_under_load_and_count(make_config: Any, forced: str | None) -> None:
+    # forced: the program for kernels whose sched_switch passes no prev_state
+    kernel = facts.read().without(forced) if forced else None
+    with attach(make_config(sample_rate=1), kernel) as pins:
         idle_p50, ev_idle, runs_idle = runqlat_window(pins, 2.0, busy=0)
         load_p50, ev_load, runs_load = runqlat_window(pins, 2.0, busy=2 * os.cpu_count())
         lost = pins.stats()["events_lost"]
@@ -204,6 +218,7 @@ def proc_stat() -> tuple[int, int]:
     return sum(v) - v[3] - v[4], sum(v)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("busy", [0, 1, 2])
 def test_cpu_utilization_matches_proc_stat(make_config: Any, busy: int) -> None:
     with attach(make_config()) as pins:
@@ -253,37 +268,44 @@ def test_full_ring_buffer_counts_losses(make_config: Any, monkeypatch: pytest.Mo
     assert 1000 < sent < 1700  # what fitted
 
 
-def test_missing_hook_skips_one_collector(
-    make_config: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A kernel without a tracepoint cannot be made here: pretend the drop hook
-    # is absent from BTF and tracefs (a mock, and the only one in these tests).
-    monkeypatch.setattr(btf, "typedefs", lambda names: {n for n in names if "kfree_skb" not in n})
-    real = loader.tracepoint_exists
-    monkeypatch.setattr(loader, "tracepoint_exists", lambda tp: tp != "skb/kfree_skb" and real(tp))
+def test_missing_tracepoint_skips_one_collector(make_config: Any) -> None:
+    # a kernel without kfree_skb, simulated by the plan's own input
+    kernel = facts.read().without("tracepoint:kfree_skb")
     cfg = make_config()
-    state = loader.attach(cfg)
-    assert state == {"rtt": "tp_btf", "retrans": "tp_btf", "drops": "missing", "sched": "tp_btf"}
+    state = {r.collector: r for r in loader.attach(cfg, kernel)}
+    assert {c: r.variant for c, r in state.items()} == {
+        "rtt": "tp_btf",
+        "retrans": "tp_btf_err" if has_err_arg() else "tp_btf",
+        "drops": None,
+        "sched": "tp_btf_state",
+    }
+    assert "lacks tracepoint kfree_skb(struct sk_buff *, void *" in state["drops"].why
     assert not os.path.exists(f"{cfg.pin_dir}/links/kfree_skb")
     assert os.path.exists(f"{cfg.pin_dir}/links/tcp_probe")
 
 
-def test_tracepoint_fallback_counts(make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EBPF_TELEMETRY_HOOK", "tracepoint")
+def has_err_arg() -> bool:
+    return len(facts.read().tracepoints["tcp_retransmit_skb"]) >= 3
+
+
+@pytest.mark.matrix
+def test_drops_without_reason_count_as_unknown(make_config: Any) -> None:
+    # kfree_skb before 5.17 passes no reason: the planner picks the program
+    # that reads two arguments, and every drop counts under "unknown"
+    kernel = facts.read().without("tracepoint:kfree_skb:2")
     with Netns("a") as a, Netns("b") as b:
         veth = veth_pair(a, b, v6=None)
         cfg = make_config(peers={"a": [f"{veth.v4_a}/32"]})
-        assert set(loader.attach(cfg).values()) == {"tracepoint"}
+        state = {r.collector: r.variant for r in loader.attach(cfg, kernel)}
+        assert state["drops"] == "tp_btf_noreason"
         with Pins(cfg.pin_dir) as pins:
             before = take(pins)
-            udp_send(a, veth.v4_b, 9, 11)
             node = peer_id(before, "a")
+            udp_send(a, veth.v4_b, 9, 11)  # no socket on port 9: 11 drops
             wait_until(
                 lambda: take(pins).node(node).drop_count - before.node(node).drop_count >= 11, 5
             )
-            time.sleep(0.3)  # some scheduling happens meanwhile
             after = take(pins)
-    w = Window(before, after)
-    assert w.node(node).drop_count == 11
-    assert w.node(0).runqlat_count > 0
-    assert w.cpu_utilization is not None
+    assert Window(before, after).node(node).drop_count == 11
+    names = btf.drop_reasons()
+    assert {names[r] for r in after.drops} == {"unknown"}

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from ebpf_telemetry import config, loader
+from agentlab import cli
+from ebpf_telemetry import config, host, loader
 from ebpf_telemetry.binding import TelemetryError, ffi
 from ebpf_telemetry.config import ConfigError
 from ebpf_telemetry.maps import Hist, NodeMetrics, Pins, TelemetryEvent
@@ -39,18 +40,6 @@ CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
 # -- helpers ---------------------------------------------------------------------
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "ebpf_telemetry", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -476,7 +465,7 @@ def with_caps(caps: str) -> tuple[str, ...]:
 
 
 def test_runs_with_exactly_the_documented_caps(pin_dir: str, tmp_path: Path) -> None:
-    assert set(loader.REQUIRED_CAPS) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
+    assert set(host.REQUIRED_CAPS) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
     assert "CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN" in Path("docs/security.md").read_text()
     tf = tmp_path / "t.prom"
     args = ("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,

@@ -91,6 +91,10 @@ struct btf_member {
     __u32 type;
     __u32 offset;
 };
+struct btf_param {
+    __u32 name_off;
+    __u32 type;
+};
 struct btf_enum {
     __u32 name_off;
     __s32 val;
@@ -129,6 +133,7 @@ const char *bpf_map__name(const struct bpf_map *map);
 int bpf_map__fd(const struct bpf_map *map);
 int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
 const char *bpf_map__pin_path(const struct bpf_map *map);
+int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
 bool bpf_map__is_pinned(const struct bpf_map *map);
 
 int bpf_obj_get(const char *pathname);
@@ -169,6 +174,7 @@ ring_buffer_sample_fn ebt_ringbuf_sample;
 C_SOURCE = """
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <stdbool.h>
 #include <sys/mount.h>
 #include <linux/types.h>
@@ -182,13 +188,28 @@ C_SOURCE = """
 static void ebt_log_cb(int level, const char *msg);
 static int ebt_ringbuf_cb(void *ctx, void *data, size_t size);
 
-/* libbpf hands its log a va_list: format it here, pass Python a string */
+/* libbpf hands its log a va_list: format it here, pass Python a string.
+ * A verifier log can be megabytes: never cut it (the rejected instruction
+ * is at its end). */
 static int ebt_print(enum libbpf_print_level level, const char *fmt, va_list ap)
 {
-    char buf[2048];
+    char buf[4096], *text = buf;
+    va_list again;
+    int n;
 
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    ebt_log_cb((int)level, buf);
+    va_copy(again, ap);
+    n = vsnprintf(buf, sizeof(buf), fmt, ap);
+    if (n >= (int)sizeof(buf)) {
+        text = malloc((size_t)n + 1);
+        if (text)
+            vsnprintf(text, (size_t)n + 1, fmt, again);
+        else
+            text = buf;
+    }
+    va_end(again);
+    ebt_log_cb((int)level, text);
+    if (text != buf)
+        free(text);
     return 0;
 }
 

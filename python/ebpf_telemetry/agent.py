@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, loader, nodes
+from ebpf_telemetry import exporter, host, loader, nodes
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
@@ -62,15 +62,16 @@ class Agent:
         self.failed_writes = 0
         self.write_error: str | None = None  # the error of the failing streak, logged once
 
-    def start(self) -> dict[str, str]:
-        loader.preflight(self.cfg)
+    def start(self) -> list[loader.Running]:
+        host.preflight()
         exporter.preflight(self.cfg.textfile)
         state = loader.attach(self.cfg)
-        log.info("collectors", **state)
+        self.collector.collectors = state
+        log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         if self.cfg.listen_addr:
-            host, port = self.cfg.listen_addr
-            exporter.serve(self.registry, host, port)
-            log.info("listening", address=f"{host}:{port}")
+            addr, port = self.cfg.listen_addr
+            exporter.serve(self.registry, addr, port)
+            log.info("listening", address=f"{addr}:{port}")
         return state
 
     def run(self, once: bool = False) -> int:

@@ -7,13 +7,25 @@ own log lines (verifier output included) are routed into structlog.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
 
 from ebpf_telemetry._libbpf import ffi, lib
 
-__all__ = ["BpfError", "TelemetryError", "check", "ffi", "lib", "num_cpus", "obj_get"]
+__all__ = [
+    "BpfError",
+    "TelemetryError",
+    "captured",
+    "check",
+    "check_ptr",
+    "ffi",
+    "lib",
+    "num_cpus",
+    "obj_get",
+]
 
 log = structlog.get_logger("libbpf")
 
@@ -30,11 +42,29 @@ class BpfError(TelemetryError):
         super().__init__(f"{what}: {os.strerror(self.errno)} (errno {self.errno})")
 
 
+# libbpf's warnings while a captured() block runs (innermost block last)
+_captures: list[list[str]] = []
+
+
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def ebt_log_cb(level: int, msg: Any) -> None:
     text = ffi.string(msg).decode(errors="replace").rstrip()
-    if text:
-        getattr(log, _LEVELS.get(level, "debug"))(text)
+    if not text:
+        return
+    getattr(log, _LEVELS.get(level, "debug"))(text)
+    if _captures and level == 0:
+        _captures[-1].append(text)
+
+
+@contextmanager
+def captured() -> Iterator[list[str]]:
+    """libbpf's warning messages (a verifier log among them) while the block runs."""
+    lines: list[str] = []
+    _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        _captures.pop()
 
 
 lib.ebt_install_log()

@@ -1,4 +1,4 @@
-"""What the running kernel's BTF says: tp_btf hooks it has, enum names.
+"""What the running kernel's BTF says: tracepoint arguments, enum names.
 
 Drop reason names are read from `enum skb_drop_reason` here, never from a
 table of ours: numbers and names differ between kernel versions.
@@ -15,7 +15,9 @@ from typing import Any
 from ebpf_telemetry.binding import TelemetryError, ffi, lib
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
-BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_ENUM64 = 6, 8, 19
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 4, 5
+BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO, BTF_KIND_ENUM64 = 6, 8, 13, 19
+_MODIFIERS = (9, 10, 11, 18)  # volatile, const, restrict, type tag: not part of a name
 DROP_REASON_PREFIXES = ("SKB_DROP_REASON_", "SKB_")  # SKB_NOT_DROPPED_YET, SKB_CONSUMED
 
 
@@ -43,12 +45,45 @@ def vmlinux() -> Iterator[Any]:
         lib.btf__free(btf)
 
 
-def typedefs(names: list[str]) -> set[str]:
-    """Which of these typedefs the kernel has (btf_trace_<tp> means tp_btf works)."""
-    if not os.path.exists(btf_path()):
-        return set()
-    with vmlinux() as btf:
-        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), 8) > 0}
+def _kind(t: Any) -> int:
+    return int((t.info >> 24) & 0x1F)
+
+
+def _name(btf: Any, t: Any) -> str:
+    return str(ffi.string(lib.btf__name_by_offset(btf, t.name_off)).decode())
+
+
+def type_name(btf: Any, type_id: int) -> str:
+    """A C spelling of a type without qualifiers: `struct sock *`, `int`, `enum x`."""
+    if type_id == 0:
+        return "void"
+    t = lib.btf__type_by_id(btf, type_id)
+    kind = _kind(t)
+    if kind in _MODIFIERS:
+        return type_name(btf, t.size)  # .size aliases .type for these kinds
+    if kind == BTF_KIND_PTR:
+        return type_name(btf, t.size) + " *"
+    prefix = {BTF_KIND_STRUCT: "struct ", BTF_KIND_UNION: "union ", BTF_KIND_ENUM: "enum "}
+    return prefix.get(kind, "enum " if kind == BTF_KIND_ENUM64 else "") + _name(btf, t)
+
+
+def typedef_args(btf: Any, name: str) -> tuple[str, ...] | None:
+    """Argument types of a `typedef void (*name)(void *, ...)`, the first (the
+    tracepoint's data pointer) left out; None if there is no such typedef."""
+    tid = lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_TYPEDEF)
+    if tid <= 0:
+        return None
+    ptr = lib.btf__type_by_id(btf, lib.btf__type_by_id(btf, tid).size)
+    proto = lib.btf__type_by_id(btf, ptr.size)
+    if _kind(ptr) != BTF_KIND_PTR or _kind(proto) != BTF_KIND_FUNC_PROTO:
+        return None
+    params = ffi.cast("struct btf_param *", proto + 1)
+    return tuple(type_name(btf, params[i].type) for i in range(1, proto.info & 0xFFFF))
+
+
+def enum_names(btf: Any, enum: str, prefix: str) -> list[str]:
+    """Member names of an enum, prefix removed."""
+    return [n.removeprefix(prefix) for n in enum_values(btf, enum).values()]
 
 
 def enum_values(btf: Any, name: str) -> dict[int, str]:
@@ -67,9 +102,11 @@ def enum_values(btf: Any, name: str) -> dict[int, str]:
 
 @functools.cache
 def drop_reasons() -> dict[int, str]:
-    """enum skb_drop_reason value -> name without the SKB_DROP_REASON_ (or SKB_) prefix."""
+    """enum skb_drop_reason value -> name without the SKB_DROP_REASON_ (or SKB_)
+    prefix; "unknown" for drops counted on kernels that pass no reason."""
     with vmlinux() as btf:
-        return {v: _strip_prefix(n) for v, n in enum_values(btf, "skb_drop_reason").items()}
+        names = {v: _strip_prefix(n) for v, n in enum_values(btf, "skb_drop_reason").items()}
+    return {**names, lib.DROP_REASON_UNKNOWN: "unknown"}
 
 
 def _strip_prefix(name: str) -> str:

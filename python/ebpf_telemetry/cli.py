@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     un = sub.add_parser("unload", help="detach everything and remove the pins")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
 
-    sub.add_parser("doctor", help="check that this machine can run the agent")
+    doc = sub.add_parser("doctor", help="check that this machine can run the agent")
+    doc.add_argument("--json", action="store_true", help="the verdict as one JSON object")
     return p
 
 
@@ -121,7 +122,7 @@ def cmd_unload(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from ebpf_telemetry import doctor
 
-    return doctor.run()
+    return doctor.run(as_json=a.json)
 
 
 COMMANDS = {

@@ -1,13 +1,19 @@
-"""`doctor`: can `run` work on this machine? Each check says what to fix."""
+"""`doctor`: can `run` work on this machine? Each check says what to fix.
+
+The collectors' lines come from the loader's own plan (plan.py over this
+kernel's facts) and, with the privileges to do so, from a trial load of each
+planned collector (nothing pinned, nothing attached): what `doctor` calls
+runnable, the verifier has accepted.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ebpf_telemetry import btf, loader
+from ebpf_telemetry import btf, facts, host, loader, plan
 
 
 @dataclass(frozen=True)
@@ -24,56 +30,101 @@ class Check:
         return f"{mark} {self.name}: {self.detail}{fix}"
 
 
-def checks() -> Iterator[Check]:
-    rel = platform.release()
-    major, minor = (int(x) for x in rel.split(".")[:2])
-    yield Check("kernel", (major, minor) >= (5, 15), rel, "needs Linux >= 5.15")
-    caps = loader.effective_caps()
-    missing = [n for n, bit in loader.REQUIRED_CAPS.items() if not caps >> bit & 1]
+def system_checks(kernel: facts.KernelFacts) -> Iterator[Check]:
+    yield Check(
+        "kernel",
+        True,
+        f"{kernel.release} (documented minimum {plan.MIN_KERNEL}; the collectors below decide)",
+    )
+    missing = host.missing_caps()
     yield Check(
         "capabilities",
         not missing,
-        "missing " + ", ".join(missing) if missing else "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN",
-        "run as root or grant them (see docs/deploy.md)",
+        "missing " + ", ".join(missing) if missing else " ".join(host.REQUIRED_CAPS),
+        "run as root or grant them (see docs/security.md)",
     )
-    btf_file = btf.btf_path()
-    yield Check("btf", os.path.exists(btf_file), btf_file, "kernel needs CONFIG_DEBUG_INFO_BTF=y")
-    fs = loader.mounted_fstype(loader.BPFFS_ROOT)
+    yield Check("btf", kernel.btf, btf.btf_path(), "kernel needs CONFIG_DEBUG_INFO_BTF=y")
+    fs = host.mounted_fstype(host.BPFFS_ROOT)
     yield Check(
         "bpffs",
         fs == "bpf",
-        f"{loader.BPFFS_ROOT} is {fs or 'not mounted'}",
+        f"{host.BPFFS_ROOT} is {fs or 'not mounted'}",
         "`mount -t bpf bpf /sys/fs/bpf` (run mounts it itself as root)",
         fatal=False,
     )
-    fs = loader.mounted_fstype(loader.TRACEFS)
+    fs = host.mounted_fstype(host.TRACEFS)
     yield Check(
         "tracefs",
         fs == "tracefs",
-        f"{loader.TRACEFS} is {fs or 'not mounted'}",
-        "`mount -t tracefs tracefs /sys/kernel/tracing` (needed for classic "
-        "tracepoints and trace_pipe; run mounts it when it needs it)",
+        f"{host.TRACEFS} is {fs or 'not mounted'}",
+        "`mount -t tracefs tracefs /sys/kernel/tracing` (only trace_pipe debug output needs it)",
         fatal=False,
     )
     obj = loader.object_path()
     yield Check("bpf object", os.path.exists(obj), obj, "reinstall the package (make build)")
-    plan = loader.plan() if os.path.exists(btf_file) else {}
-    for c in loader.COLLECTORS:
-        how = plan.get(c.name)
-        tps = ", ".join(h.tracepoint for h in c.hooks)
-        yield Check(
-            f"collector {c.name}",
-            how is not None,
-            f"{tps} via {how}" if how else f"{tps}: not all found",
-            "this collector will be skipped",
-            fatal=False,
-        )
 
 
-def run() -> int:
-    results = list(checks())
-    for c in results:
-        print(c.line())
-    bad = [c for c in results if not c.ok and c.fatal]
-    print("run can work here" if not bad else f"run cannot work here: {len(bad)} problem(s)")
+@dataclass(frozen=True)
+class Verdict:
+    """One collector as `run` would start it."""
+
+    choice: plan.Choice
+    rejected: str | None  # the verifier's verdict on a trial load
+    tried: bool  # a trial load ran (privileges and the object were there)
+
+    @property
+    def variant(self) -> str | None:
+        v = self.choice.variant
+        return v.name if v is not None and self.rejected is None else None
+
+    @property
+    def why(self) -> str:
+        return self.rejected or self.choice.why
+
+    def check(self) -> Check:
+        c, name = self.choice, f"collector {self.choice.name}"
+        tps = ", ".join(c.collector.tracepoints)
+        if self.variant is None:
+            return Check(name, False, f"{tps}: skipped: {self.why}", fatal=False)
+        how = "loads" if self.tried else "planned (not loaded: no privileges)"
+        lost = f"; loses {c.why}" if c.why else ""
+        return Check(name, True, f"{tps} via {self.variant}, {how}{lost}")
+
+
+def verdicts(kernel: facts.KernelFacts, can_load: bool) -> list[Verdict]:
+    out = []
+    for ch in plan.plan(kernel):
+        tried = can_load and ch.variant is not None
+        out.append(Verdict(ch, loader.trial(ch) if tried else None, tried))
+    return out
+
+
+def run(as_json: bool = False) -> int:
+    kernel = facts.current()
+    checks = list(system_checks(kernel))
+    can_load = all(c.ok for c in checks if c.fatal)
+    found = verdicts(kernel, can_load)
+    checks += [v.check() for v in found]
+    if not any(v.variant for v in found):
+        checks.append(Check("collectors", False, "none can run on this kernel"))
+    bad = [c for c in checks if not c.ok and c.fatal]
+    if as_json:
+        print(json.dumps(_as_dict(kernel, found, bad), indent=1))
+    else:
+        for c in checks:
+            print(c.line())
+        print("run can work here" if not bad else f"run cannot work here: {len(bad)} problem(s)")
     return 1 if bad else 0
+
+
+def _as_dict(
+    kernel: facts.KernelFacts, found: list[Verdict], bad: list[Check]
+) -> dict[str, object]:
+    return {
+        "kernel": kernel.release,
+        "collectors": {
+            v.choice.name: {"variant": v.variant, "why": v.why, "loaded": v.tried} for v in found
+        },
+        "problems": [c.line() for c in bad],
+        "ok": not bad,
+    }

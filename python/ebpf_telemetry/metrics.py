@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.histogram import LE_EXPONENTS, cumulative_at_powers_of_two
+from ebpf_telemetry.loader import Running
 from ebpf_telemetry.maps import EVENT_TYPES, Hist
 from ebpf_telemetry.snapshot import HOST, Window
 
@@ -88,7 +89,8 @@ METRICS = _defs(
         "ebpf_packet_drops_total",
         "counter",
         ("node", "reason"),
-        "Packets the kernel dropped, by enum skb_drop_reason name (from the kernel's BTF).",
+        "Packets the kernel dropped, by enum skb_drop_reason name (from the kernel's BTF); "
+        '"unknown" on kernels whose kfree_skb passes no reason (before 5.17).',
         "skb:kfree_skb -> drop_reasons_map[reason]",
     ),
     MetricDef(
@@ -139,6 +141,14 @@ METRICS = _defs(
         ("node",),
         "Time the last collection took to read the maps and compute.",
         "agent clock",
+    ),
+    MetricDef(
+        "ebpf_collector_up",
+        "gauge",
+        ("node", "collector", "variant"),
+        "1 if the collector runs (in this variant), 0 if this kernel cannot serve it "
+        '(variant="none"; the agent\'s log and `doctor` say why).',
+        "the loader's plan (plan.py) and what the kernel accepted",
     ),
     MetricDef(
         "ebpf_telemetry_build_info",
@@ -204,6 +214,7 @@ class TelemetryCollector(Collector):
 
     def __init__(self, node_name: str) -> None:
         self.node_name = node_name
+        self.collectors: list[Running] = []  # what attach() made run
         self.window: Window | None = None
         self.collect_seconds = 0.0
 
@@ -294,6 +305,10 @@ class TelemetryCollector(Collector):
             fam = _gauge(name)
             fam.add_metric([n], value)
             yield fam
+        up = _gauge("ebpf_collector_up")
+        for r in self.collectors:
+            up.add_metric([n, r.collector, r.variant or "none"], int(r.up))
+        yield up
         info = _gauge("ebpf_telemetry_build_info")
         info.add_metric([__version__, platform.release()], 1)
         yield info

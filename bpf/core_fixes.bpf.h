@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Kernel differences the object reads through CO-RE, in the manner of
+ * libbpf-tools' core_fixes.bpf.h: one shim per renamed field, chosen by
+ * bpf_core_field_exists() when the object is loaded, so one object serves
+ * every kernel. Differences in tracepoint arguments cannot be bridged this
+ * way (the verifier rejects reading an argument the kernel does not pass):
+ * those are separate programs, chosen by userspace (python/ebpf_telemetry/plan.py).
+ */
+#ifndef __CORE_FIXES_BPF_H
+#define __CORE_FIXES_BPF_H
+
+#include <bpf/bpf_core_read.h>
+
+/* task_struct::state was renamed __state in 5.14 (2f064a59a11f) */
+struct task_struct___o {
+	volatile long int state;
+} __attribute__((preserve_access_index));
+
+struct task_struct___x {
+	unsigned int __state;
+} __attribute__((preserve_access_index));
+
+/* task is a BTF pointer (a tp_btf argument): plain loads, relocated by CO-RE;
+ * the branch a kernel lacks is removed at load time */
+static __always_inline __s64 get_task_state(void *task)
+{
+	struct task_struct___x *t = task;
+
+	if (bpf_core_field_exists(t->__state))
+		return t->__state;
+	return ((struct task_struct___o *)task)->state;
+}
+
+#endif /* __CORE_FIXES_BPF_H */

@@ -1,0 +1,261 @@
+"""Which programs of the object run on a kernel: a pure function of its facts.
+
+Every kernel feature the object uses is a `Feature` here with the first
+kernel that has it. Each collector lists its variants, best first; a variant
+is a set of programs (one per tracepoint) and the features they need. The
+plan takes, per collector, the first variant whose features the kernel has,
+or none (the collector is skipped, with the features it lacks). The loader
+and `doctor` both call `plan()`; docs/kernels.md is generated from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ebpf_telemetry.facts import KernelFacts
+
+MIN_KERNEL = "5.15"
+
+
+@dataclass(frozen=True)
+class Feature:
+    # "helper", "map_type", "tracepoint": as in KernelFacts.without(), read from
+    # BTF; "bpf": what BTF cannot show (the load itself finds it missing)
+    kind: str
+    name: str
+    since: str  # the first kernel that has it
+    args: tuple[str, ...] = ()  # tracepoints: the argument types read, in order
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}" + (f":{len(self.args)}" if self.args else "")
+
+    def __str__(self) -> str:
+        if self.kind == "bpf":
+            return self.name
+        if self.kind == "tracepoint":
+            return f"tracepoint {self.name}({', '.join(self.args)})"
+        return f"{self.kind.replace('_', ' ')} {self.name}"
+
+    def present(self, f: KernelFacts) -> bool:
+        if self.kind == "bpf":
+            return True  # no fact to check: a kernel without it rejects the load
+        if self.kind == "helper":
+            return self.name in f.helpers
+        if self.kind == "map_type":
+            return self.name in f.map_types
+        have = f.tracepoints.get(self.name)
+        return have is not None and have[: len(self.args)] == self.args
+
+
+def _tp(name: str, since: str, *args: str) -> Feature:
+    return Feature("tracepoint", name, since, args)
+
+
+@dataclass(frozen=True)
+class Hook:
+    tracepoint: str
+    program: str
+    feature: Feature  # the tracepoint with the arguments the program reads
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    hooks: tuple[Hook, ...]
+    needs: tuple[Feature, ...] = ()  # besides the hooks' tracepoints
+    loses: str = ""  # what it does not measure that the best variant does
+
+    @property
+    def programs(self) -> frozenset[str]:
+        return frozenset(h.program for h in self.hooks)
+
+    def features(self) -> tuple[Feature, ...]:
+        return tuple(h.feature for h in self.hooks) + self.needs
+
+
+@dataclass(frozen=True)
+class Collector:
+    name: str
+    variants: tuple[Variant, ...]  # best first; all hook the same tracepoints
+
+    @property
+    def tracepoints(self) -> tuple[str, ...]:
+        return tuple(h.tracepoint for h in self.variants[0].hooks)
+
+
+def _same(name: str, feature: Feature) -> Hook:
+    """A hook whose program is named after its tracepoint."""
+    return Hook(name, name, feature)
+
+
+# Every load creates every map of the object, and every program uses these.
+OBJECT_NEEDS = (
+    Feature("bpf", "tp_btf programs (BPF_TRACE_RAW_TP)", "5.5"),
+    Feature("bpf", "pinned raw tracepoint links", "5.7"),
+    Feature("bpf", "batch look-ups of per-CPU arrays (the agent's reads)", "5.13"),
+    Feature("map_type", "RINGBUF", "5.8"),
+    Feature("map_type", "LPM_TRIE", "4.11"),
+    Feature("map_type", "SK_STORAGE", "5.2"),
+    Feature("map_type", "TASK_STORAGE", "5.11"),
+    Feature("helper", "ringbuf_query", "5.8"),
+    Feature("helper", "ktime_get_ns", "4.1"),
+)
+SK_STORAGE_GET = Feature("helper", "sk_storage_get", "5.11")  # from tracing programs
+# the helper exists from 5.11 (LSM); tracing programs may call it from 5.13
+TASK_STORAGE_GET = Feature("helper", "task_storage_get", "5.13")
+ATOMIC_FETCH = Feature("bpf", "atomic fetch-and-add (peer ids)", "5.12")
+SOCK = "struct sock *"
+SKB = "struct sk_buff *"
+TASK = "struct task_struct *"
+TCP_RETRANSMIT = _tp("tcp_retransmit_skb", "4.16", SOCK, SKB)
+TCP_RETRANSMIT_ERR = _tp("tcp_retransmit_skb", "6.17", SOCK, SKB, "int")
+SYNACK = _same(
+    "tcp_retransmit_synack", _tp("tcp_retransmit_synack", "4.16", SOCK, "struct request_sock *")
+)
+KFREE_SKB = _tp("kfree_skb", "4.16", SKB, "void *")
+KFREE_SKB_REASON = _tp("kfree_skb", "5.17", SKB, "void *", "enum skb_drop_reason")
+
+WAKEUPS = (
+    _same("sched_wakeup", _tp("sched_wakeup", "4.16", TASK)),
+    _same("sched_wakeup_new", _tp("sched_wakeup_new", "4.16", TASK)),
+)
+SWITCH = _tp("sched_switch", "4.16", "bool", TASK, TASK)
+SWITCH_STATE = Hook(
+    "sched_switch",
+    "sched_switch_state",
+    _tp("sched_switch", "5.18", "bool", TASK, TASK, "unsigned int"),
+)
+
+COLLECTORS = (
+    Collector(
+        "rtt",
+        (
+            Variant(
+                "tp_btf",
+                (_same("tcp_probe", _tp("tcp_probe", "4.16", SOCK, SKB)),),
+                (Feature("helper", "skc_to_tcp_sock", "5.9"), SK_STORAGE_GET, ATOMIC_FETCH),
+            ),
+        ),
+    ),
+    Collector(
+        "retrans",
+        (
+            Variant(
+                "tp_btf_err",
+                (Hook("tcp_retransmit_skb", "tcp_retransmit_skb_err", TCP_RETRANSMIT_ERR), SYNACK),
+                (SK_STORAGE_GET, ATOMIC_FETCH),
+            ),
+            Variant(
+                "tp_btf",
+                (Hook("tcp_retransmit_skb", "tcp_retransmit_skb", TCP_RETRANSMIT), SYNACK),
+                (SK_STORAGE_GET, ATOMIC_FETCH),
+                "nothing: these kernels fire the tracepoint only for retransmits that went out",
+            ),
+        ),
+    ),
+    Collector(
+        "drops",
+        (
+            Variant("tp_btf_reason", (Hook("kfree_skb", "kfree_skb_reason", KFREE_SKB_REASON),)),
+            Variant(
+                "tp_btf_noreason",
+                (Hook("kfree_skb", "kfree_skb", KFREE_SKB),),
+                loses='the drop reason: every drop counts as reason="unknown"',
+            ),
+        ),
+    ),
+    Collector(
+        "sched",
+        (
+            Variant("tp_btf_state", (*WAKEUPS, SWITCH_STATE), (TASK_STORAGE_GET,)),
+            Variant(
+                "tp_btf",
+                (*WAKEUPS, _same("sched_switch", SWITCH)),
+                (TASK_STORAGE_GET,),
+                "nothing: a preempted task is told by its own state field, as runqlat does",
+            ),
+        ),
+    ),
+)
+BY_NAME = {c.name: c for c in COLLECTORS}
+
+
+@dataclass(frozen=True)
+class Choice:
+    collector: Collector
+    variant: Variant | None  # None: skipped
+    why: str = ""  # skipped: what the kernel lacks; degraded: what the variant loses
+
+    @property
+    def name(self) -> str:
+        return self.collector.name
+
+
+def missing(features: tuple[Feature, ...], f: KernelFacts) -> list[Feature]:
+    return [x for x in features if not x.present(f)]
+
+
+def _choose(c: Collector, f: KernelFacts) -> Choice:
+    if not f.btf:
+        return Choice(c, None, "no kernel BTF (CONFIG_DEBUG_INFO_BTF)")
+    lacking: list[Feature] = []
+    for v in c.variants:
+        lacking = missing(OBJECT_NEEDS + v.features(), f)
+        if not lacking:
+            return Choice(c, v, v.loses)
+    text = ", ".join(f"{x} (Linux {x.since})" for x in lacking)
+    return Choice(c, None, f"this kernel lacks {text}")
+
+
+def plan(f: KernelFacts) -> tuple[Choice, ...]:
+    """Per collector, the best variant this kernel can run, or why none."""
+    return tuple(_choose(c, f) for c in COLLECTORS)
+
+
+def markdown() -> str:
+    """docs/kernels.md, from the plan's own tables."""
+    lines = [
+        "# Kernels",
+        "",
+        "Generated from `python/ebpf_telemetry/plan.py` "
+        "(`python -m ebpf_telemetry.plan > docs/kernels.md`); a test keeps them equal.",
+        "",
+        f"Documented minimum: Linux {MIN_KERNEL} with BTF (`CONFIG_DEBUG_INFO_BTF=y`). "
+        "The loader plans from what the kernel's BTF says it has, not from its version: "
+        "a feature backported to an older kernel is used, a feature missing skips only the "
+        "collectors that need it (`doctor` shows the plan; `ebpf_collector_up` what runs).",
+        "",
+        "## Every kernel feature the object uses",
+        "",
+        "| feature | first kernel | used by |",
+        "| --- | --- | --- |",
+    ]
+    users: dict[Feature, list[str]] = {f: ["every collector"] for f in OBJECT_NEEDS}
+    for c in COLLECTORS:
+        for v in c.variants:
+            for f in v.features():
+                users.setdefault(f, []).append(f"{c.name} `{v.name}`")
+    for f, who in sorted(users.items(), key=lambda x: _version(x[0].since)):
+        lines.append(f"| {f} | {f.since} | {', '.join(dict.fromkeys(who))} |")
+    lines += [
+        "",
+        "## Collectors and their variants (best first)",
+        "",
+        "| collector | variant | programs | runs from | loses |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in COLLECTORS:
+        for v in c.variants:
+            since = max((f.since for f in OBJECT_NEEDS + v.features()), key=_version)
+            progs = ", ".join(f"`{p}`" for p in sorted(v.programs))
+            lines.append(f"| {c.name} | `{v.name}` | {progs} | {since} | {v.loses or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

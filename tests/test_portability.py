@@ -1,0 +1,181 @@
+"""Kernels other than this one: the plan over recorded facts of every kernel of
+the matrix, degraded and impossible collectors, and `doctor` agreeing with
+the loader. (`make test-kernels` runs the `matrix` tests in each VM kernel.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentlab import cli
+from conftest import require_kernel
+from ebpf_telemetry import facts, plan
+from ebpf_telemetry.binding import ffi, lib
+from ebpf_telemetry.loader import object_path
+
+KERNELS = Path(__file__).parent / "data" / "kernels"
+REJECT_OBJECT = str(Path(__file__).parents[1] / "build" / "telemetry-reject.bpf.o")
+
+# what each recorded kernel runs (facts recorded by `make test-kernels`)
+OLD_RETRANS = {"rtt": "tp_btf", "retrans": "tp_btf", "drops": "tp_btf_reason"}
+EXPECTED = {
+    "6.18": {**OLD_RETRANS, "retrans": "tp_btf_err", "sched": "tp_btf_state"},
+}
+
+
+def recorded(name: str) -> facts.KernelFacts:
+    return facts.KernelFacts.from_json((KERNELS / f"{name}.json").read_text())
+
+
+def variants(choices: tuple[plan.Choice, ...]) -> dict[str, str | None]:
+    return {c.name: c.variant.name if c.variant else None for c in choices}
+
+
+def test_every_recorded_kernel_has_its_expected_plan() -> None:
+    names = sorted(p.stem for p in KERNELS.glob("*.json"))
+    assert names == sorted(EXPECTED), "record and expect the same kernels"
+    for name in names:
+        assert variants(plan.plan(recorded(name))) == EXPECTED[name], name
+
+
+def test_no_btf_runs_nothing_and_says_why() -> None:
+    choices = plan.plan(facts.KernelFacts("5.4.0", btf=False))
+    assert all(c.variant is None and "BTF" in c.why for c in choices)
+
+
+def test_a_missing_feature_is_named_with_its_first_kernel() -> None:
+    f = recorded("6.18")
+    by = {c.name: c for c in plan.plan(f.without("helper:task_storage_get"))}
+    assert by["sched"].variant is None
+    assert by["sched"].why == "this kernel lacks helper task_storage_get (Linux 5.13)"
+    assert by["rtt"].variant is not None
+    assert all(c.variant is None for c in plan.plan(f.without("map_type:RINGBUF")))
+
+
+def test_degraded_variants_say_what_they_lose() -> None:
+    f = recorded("6.18").without("tracepoint:kfree_skb:2")
+    drops = {c.name: c for c in plan.plan(f)}["drops"]
+    assert drops.variant is not None and drops.variant.name == "tp_btf_noreason"
+    assert "reason" in drops.why
+
+
+def test_facts_round_trip_through_json() -> None:
+    f = recorded("6.18")
+    assert facts.KernelFacts.from_json(f.to_json()) == f
+
+
+def programs_and_maps(path: str) -> tuple[set[str], set[str]]:
+    """Names of an object's programs and maps (libbpf opens it; nothing loads)."""
+    obj = lib.bpf_object__open_file(path.encode(), ffi.NULL)
+    assert obj != ffi.NULL, path
+    progs, maps = set(), set()
+    try:
+        p = lib.bpf_object__next_program(obj, ffi.NULL)
+        while p != ffi.NULL:
+            progs.add(ffi.string(lib.bpf_program__name(p)).decode())
+            p = lib.bpf_object__next_program(obj, p)
+        m = lib.bpf_object__next_map(obj, ffi.NULL)
+        while m != ffi.NULL:
+            maps.add(ffi.string(lib.bpf_map__name(m)).decode())
+            m = lib.bpf_object__next_map(obj, m)
+    finally:
+        lib.bpf_object__close(obj)
+    return progs, maps
+
+
+def test_every_program_of_the_object_is_planned() -> None:
+    """No program in the object that no variant loads, none planned that it lacks."""
+    progs, _ = programs_and_maps(object_path())
+    assert progs == {p for c in plan.COLLECTORS for v in c.variants for p in v.programs}
+
+
+def test_the_arm64_object_has_the_same_programs_and_maps() -> None:
+    arm64 = Path(__file__).parents[1] / "build" / "arm64" / "telemetry.bpf.o"
+    assert programs_and_maps(str(arm64)) == programs_and_maps(object_path())
+
+
+# -- on the kernel ---------------------------------------------------------------
+
+
+def collector_up(textfile: Path) -> dict[str, tuple[str, float]]:
+    """collector -> (variant, value) of ebpf_collector_up in a textfile."""
+    out = {}
+    for fam in text_string_to_metric_families(textfile.read_text()):
+        if fam.name == "ebpf_collector_up":
+            for s in fam.samples:
+                out[s.labels["collector"]] = (s.labels["variant"], s.value)
+    return out
+
+
+def run_once(pin_dir: str, tmp_path: Path, env: dict[str, str] | None = None) -> Any:
+    textfile = tmp_path / "t.prom"
+    r = cli(
+        "run", "--once", "--interval", "0.5", "--pin-dir", pin_dir, "--textfile", str(textfile),
+        env=env,
+    )  # fmt: skip
+    return r, textfile
+
+
+def log_records(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+
+
+@pytest.mark.matrix
+def test_doctor_says_what_run_does(pin_dir: str, tmp_path: Path) -> None:
+    require_kernel()
+    d = cli("doctor", "--json")
+    assert d.returncode == 0, d.stderr
+    said = json.loads(d.stdout)
+    r, textfile = run_once(pin_dir, tmp_path)
+    assert r.returncode == 0, r.stderr
+    up = collector_up(textfile)
+    print(f"\n  doctor: {said['collectors']}\n  run: {up}")
+    assert {c: v["variant"] for c, v in said["collectors"].items()} == {
+        c: (variant if value == 1 else None) for c, (variant, value) in up.items()
+    }
+    assert said["kernel"] and all(v["loaded"] for v in said["collectors"].values())
+
+
+@pytest.mark.matrix
+def test_a_rejected_collector_is_skipped_and_the_rest_run(pin_dir: str, tmp_path: Path) -> None:
+    require_kernel()
+    env = {"EBPF_TELEMETRY_OBJECT": REJECT_OBJECT}
+    r, textfile = run_once(pin_dir, tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    up = collector_up(textfile)
+    assert up.pop("rtt") == ("none", 0)
+    assert all(value == 1 for _, value in up.values()), up
+    records = log_records(r.stderr)
+    skipped = [x for x in records if x["msg"] == "collector skipped"]
+    assert [x["collector"] for x in skipped] == ["rtt"]
+    assert "invalid bpf_context access" in skipped[0]["why"]
+    # the verifier's whole log reached the user, up to the rejected instruction
+    vlog = [x["msg"] for x in records if "-- BEGIN PROG LOAD LOG --" in x["msg"]]
+    assert len(vlog) == 1 and "-- END PROG LOAD LOG --" in vlog[0], vlog
+    assert len(vlog[0]) > 2048 and "invalid bpf_context access" in vlog[0]
+    print(f"\n  skipped: {skipped[0]['why']}\n  verifier log: {len(vlog[0])} chars")
+    d = cli("doctor", env=env)
+    assert d.returncode == 0, d.stdout
+    assert "warn collector rtt: tcp_probe: skipped: the kernel rejected" in d.stdout
+
+
+def test_no_collector_at_all_is_one_error_line(pin_dir: str, tmp_path: Path) -> None:
+    require_kernel()
+    bare = tmp_path / "facts.json"
+    bare.write_text(facts.read().without("map_type:RINGBUF").to_json())
+    env = {facts.FACTS_ENV: str(bare)}
+    d = cli("doctor", env=env)
+    assert d.returncode == 1
+    assert "FAIL collectors: none can run on this kernel" in d.stdout
+    assert "this kernel lacks map type RINGBUF (Linux 5.8)" in d.stdout
+    r, textfile = run_once(pin_dir, tmp_path, env)
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("{")]
+    assert r.returncode == 1 and not textfile.exists()
+    assert lines == [
+        "ebpf-telemetry: error: no collector can run on this kernel: "
+        + "; ".join(f"{c}: this kernel lacks map type RINGBUF (Linux 5.8)" for c in EXPECTED["6.18"])
+    ], r.stderr
