@@ -13,8 +13,9 @@ from typing import Any, Self
 from ebpf_telemetry import loader
 from ebpf_telemetry.events import EventReader
 from ebpf_telemetry.facts import KernelFacts
-from ebpf_telemetry.maps import Pins, TelemetryEvent
+from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Snapshot
+from ebpf_telemetry.values import TelemetryEvent
 
 
 def attach(cfg: Any, kernel: KernelFacts | None = None) -> Pins:

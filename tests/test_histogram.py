@@ -130,7 +130,7 @@ def test_kernel_slots_equal_python(kernel_slots, values: list[int]) -> None:  # 
 
 
 def test_window_after_a_reset_is_the_new_reading() -> None:
-    from ebpf_telemetry.maps import CpuTime, Hist, NodeMetrics
+    from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
 
     old = Hist(tuple([5] * h.MAX_SLOTS))
     new = Hist(tuple([1] + [0] * (h.MAX_SLOTS - 1)))
@@ -148,7 +148,7 @@ def test_event_json_lines_are_json() -> None:
     import struct as st
 
     from ebpf_telemetry.events import as_json, json_line
-    from ebpf_telemetry.maps import EVENT_RECORD, TelemetryEvent
+    from ebpf_telemetry.values import EVENT_RECORD, TelemetryEvent
 
     raw = st.pack("=IIQQI4x", 7, 4, 123, 10**18, 4242)
     e = TelemetryEvent.from_bytes(raw)

@@ -45,8 +45,8 @@ def snmp_retrans(ns: Netns) -> int:
 @pytest.mark.parametrize("forced", [None, "tracepoint:tcp_retransmit_skb:2"])
 def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> None:
     # forced: the program for kernels whose tracepoint passes no `err` (and
-    # fires only for retransmits that went out); where the kernel does pass
-    # err it also fires for failed attempts, so it may count more there
+    # fires only for retransmits that went out); on a kernel that does pass
+    # err, the tracepoint also fires for failed attempts, which it then counts
     kernel = facts.read().without(forced) if forced else None
     with (
         Netns("a") as a,
@@ -66,8 +66,8 @@ def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> 
     snmp_a, snmp_b = after[1] - before[1], after[2] - before[2]
     print(f"\nretransmits: ours a->b {ours_a} b->a {ours_b}; TcpRetransSegs a {snmp_a} b {snmp_b}")
     assert snmp_a + snmp_b > 10  # the loss made some
-    if forced and has_err_arg():
-        assert snmp_a <= ours_a <= snmp_a * 1.05 and snmp_b <= ours_b <= snmp_b * 1.05
+    if forced and has_err_arg():  # counts failed attempts (-EBUSY...) here too
+        assert ours_a >= snmp_a and ours_b >= snmp_b
     else:
         assert (ours_a, ours_b) == (snmp_a, snmp_b)
     assert w.node(0).retrans_count >= ours_a + ours_b

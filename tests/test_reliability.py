@@ -30,7 +30,8 @@ from agentlab import cli
 from ebpf_telemetry import config, host, loader
 from ebpf_telemetry.binding import TelemetryError, ffi
 from ebpf_telemetry.config import ConfigError
-from ebpf_telemetry.maps import Hist, NodeMetrics, Pins, TelemetryEvent
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.values import Hist, NodeMetrics, TelemetryEvent
 from netlab import Netns, TcpEchoServer, TcpPingPong, veth_pair, wait_until
 
 PROG = "ebpf-telemetry"

@@ -15,7 +15,8 @@ from typing import Any
 
 from ebpf_telemetry import __version__
 from ebpf_telemetry.binding import TelemetryError
-from ebpf_telemetry.maps import DEFAULT_PIN_DIR, EVENT_TYPES, Pins
+from ebpf_telemetry.maps import DEFAULT_PIN_DIR, Pins
+from ebpf_telemetry.values import EVENT_TYPES
 
 PROG = "ebpf-telemetry"
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ebpf_telemetry.binding import BpfError, check_ptr, ffi, lib, obj_get
-from ebpf_telemetry.maps import EVENT_RECORD, EVENT_TYPES, PinnedMap, TelemetryEvent
+from ebpf_telemetry.pinned import PinnedMap
+from ebpf_telemetry.values import EVENT_RECORD, EVENT_TYPES, TelemetryEvent
 
 POLL_MS = 100  # the kernel wakes us only for large batches; poll on a timer too
 BATCH = 4096  # JSON lines per write

@@ -26,7 +26,9 @@ from ebpf_telemetry import facts, host, nodes, plan
 from ebpf_telemetry.binding import BpfError, TelemetryError, captured, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.facts import KernelFacts
-from ebpf_telemetry.maps import MAPS, PinnedMap, Pins
+from ebpf_telemetry.layout import MAPS
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.pinned import PinnedMap
 
 log = structlog.get_logger("loader")
 

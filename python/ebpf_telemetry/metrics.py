@@ -24,8 +24,8 @@ from prometheus_client.utils import floatToGoString
 from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.histogram import LE_EXPONENTS, cumulative_at_powers_of_two
 from ebpf_telemetry.loader import Running
-from ebpf_telemetry.maps import EVENT_TYPES, Hist
 from ebpf_telemetry.snapshot import HOST, Window
+from ebpf_telemetry.values import EVENT_TYPES, Hist
 
 US = 1e-6
 WINDOW_QUANTILES = (0.5, 0.9, 0.99)

@@ -8,8 +8,8 @@ from typing import Any
 
 from ebpf_telemetry import btf
 from ebpf_telemetry.histogram import slot_lower, slot_upper
-from ebpf_telemetry.maps import Hist
 from ebpf_telemetry.snapshot import HOST, Snapshot
+from ebpf_telemetry.values import Hist
 
 BAR_WIDTH = 40
 

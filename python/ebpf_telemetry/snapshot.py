@@ -10,8 +10,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ebpf_telemetry.maps import CpuTime, Hist, NodeMetrics, Pins
+from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.nodes import HOST, peer_names
+from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
 
 
 @dataclass(frozen=True)
