@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* RTT: the socket's smoothed RTT (srtt_us >> 3) on every incoming segment
- * of an established socket (tcp:tcp_probe), per peer and in node 0. */
+/* RTT: the socket's smoothed RTT (srtt_us >> 3), once for every RTT
+ * measurement the kernel takes on an established socket (tcp:tcp_probe on a
+ * segment that acknowledges new data), per peer and in node 0. */
 #ifndef __RTT_BPF_H
 #define __RTT_BPF_H
 
@@ -42,9 +43,24 @@ static __always_inline void record_rtt(const struct settings *s, __u32 node, __u
 		bpf_printk("RTT event - Node: %u, Value: %llu us", node, us);
 }
 
+/* Does this segment let the kernel take an RTT measurement? tcp_probe fires
+ * for every segment at the start of tcp_rcv_established(), before tcp_ack();
+ * the kernel measures when a segment acknowledges new data (its ack_seq is
+ * after snd_una: tcp_ack -> tcp_clean_rtx_queue -> tcp_ack_update_rtt). A
+ * socket that only receives acknowledges nothing new and measures nothing.
+ * skb->cb holds struct tcp_skb_cb here (tcp_v4/v6_fill_cb ran before). */
+static __always_inline bool acks_new_data(const struct tcp_sock *tp, const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const void *)skb->cb;
+
+	return (__s32)(cb->ack_seq - tp->snd_una) > 0;
+}
+
 /* tcp_probe(sk, skb): tp_btf since 5.5, this argument list since 4.16.
  * bpf_skc_to_tcp_sock (5.9) gives the tcp_sock as a BTF pointer: no kfunc
- * (bpf_rdonly_cast is 6.2+), no probe read. */
+ * (bpf_rdonly_cast is 6.2+), no probe read. One sample per measurement: the
+ * smoothed RTT as it stands when the kernel is about to fold the new
+ * measurement in. */
 SEC("tp_btf/tcp_probe")
 int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
 {
@@ -55,7 +71,7 @@ int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
 	if (!s)
 		return 0;
 	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
+	if (!tp || !acks_new_data(tp, skb))
 		return 0;
 	node = sock_node(s, sk, &overflow);
 	record_rtt(s, node, tp->srtt_us >> 3, overflow, bpf_ntohs(sk->__sk_common.skc_dport));

@@ -916,6 +916,7 @@ _TCPI_OFFSETS = {
     "state": (0, "B"),
     "retransmits": (2, "B"),
     "rto_us": (8, "I"),
+    "unacked": (24, "I"),
     "lost": (32, "I"),
     "retrans": (36, "I"),
     "rtt_us": (68, "I"),
@@ -935,6 +936,7 @@ class TcpInfo:
     state: int
     retransmits: int
     rto_us: int
+    unacked: int
     lost: int
     retrans: int
     rtt_us: int

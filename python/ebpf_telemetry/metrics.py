@@ -68,8 +68,10 @@ METRICS = _defs(
         "ebpf_tcp_rtt_seconds",
         "histogram",
         ("node", "peer"),
-        "TCP smoothed RTT (srtt) on every incoming segment, per peer node.",
-        "tcp_probe -> rtt_hist_map[peer] (log2x4 slots, le at 2^k us), node_metrics_map.rtt_sum",
+        "TCP smoothed RTT (srtt) per peer node: one sample per RTT measurement the kernel "
+        "takes (an incoming segment that acknowledges new data), srtt as it stands then.",
+        "tcp_probe where ack_seq > snd_una -> rtt_hist_map[peer] (log2x4 slots, le at 2^k us), "
+        "node_metrics_map.rtt_sum",
     ),
     MetricDef(
         "ebpf_tcp_rtt_window_seconds",
