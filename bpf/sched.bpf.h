@@ -4,8 +4,8 @@
  * from a task becoming runnable (woken, or preempted while running) to it
  * running, in node 0. The enqueue time lives in task storage (5.11).
  * CPU utilisation: sched_switch to or from the idle task (pid 0) splits each
- * CPU's time into idle and busy (cpu_time_map); userspace takes the ratio
- * over its interval.
+ * CPU's time into idle and busy (cpu_time_map), from the first switch seen
+ * on that CPU; userspace takes the ratio over its interval.
  */
 #ifndef __SCHED_BPF_H
 #define __SCHED_BPF_H
@@ -24,17 +24,25 @@ static __always_inline void cpu_account(int prev_idle, int next_idle, __u64 now)
 	struct node_metrics *m;
 	__u64 busy;
 
-	if (prev_idle == next_idle)
-		return;
 	c = bpf_map_lookup_elem(&cpu_time_map, &zero);
 	if (!c)
 		return;
-	if (c->since) {
-		if (prev_idle)
-			c->idle_ns += now - c->since;
-		else
-			c->busy_ns += now - c->since;
+	if (!c->since) {
+		/* the first switch this CPU shows us, whatever it is: from now
+		 * on its time is known (the loader makes every CPU switch once
+		 * at attach, so a CPU busy since before then counts at once) */
+		c->since = now;
+		c->idle = next_idle;
+		c->period_start = now;
+		c->period_busy = c->busy_ns;
+		return;
 	}
+	if (prev_idle == next_idle)
+		return;
+	if (prev_idle)
+		c->idle_ns += now - c->since;
+	else
+		c->busy_ns += now - c->since;
 	c->since = now;
 	c->idle = next_idle;
 	busy = c->busy_ns;

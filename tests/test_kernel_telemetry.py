@@ -238,6 +238,39 @@ def test_cpu_utilization_matches_proc_stat(make_config: Any, busy: int) -> None:
     assert ours is not None and abs(ours - theirs) <= 0.05
 
 
+def pinned_spin(cpu: int, seconds: float) -> None:
+    os.sched_setaffinity(0, {cpu})  # as `taskset -c CPU` would
+    spin(seconds)
+
+
+@pytest.mark.matrix
+def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> None:
+    """Spinners pinned to every CPU before the programs exist: no CPU goes
+    idle, so none switches to or from the idle task while we measure; then an
+    agent restart over the same pins."""
+    ctx = multiprocessing.get_context("fork")
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [ctx.Process(target=pinned_spin, args=(c, 6.0)) for c in cpus]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.5)
+        cfg = make_config()
+        readings = []
+        for _ in ("first attach", "restart over the pins"):
+            with attach(cfg) as pins:
+                s0, p0 = take(pins), proc_stat()
+                time.sleep(1.5)
+                s1, p1 = take(pins), proc_stat()
+            readings.append((Window(s0, s1).cpu_utilization, (p1[0] - p0[0]) / (p1[1] - p0[1])))
+    finally:
+        for p in procs:
+            p.join()
+    print(f"\nall CPUs busy since before attach: (ours, /proc/stat) {readings}")
+    for ours, theirs in readings:
+        assert ours is not None and abs(ours - theirs) <= 0.05 and theirs > 0.9
+
+
 # -- events -----------------------------------------------------------------------------
 
 
