@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import probes
 import workload
 
+from ebpf_telemetry.events import Lease
 from ebpf_telemetry.maps import Pins
 
 GRACE = 1.0  # seconds for the consumer to catch up after a step
@@ -153,8 +154,10 @@ def _capacity(pins: Pins, argv: list[str], port: int) -> float | None:
     consumer through them: its drain rate with the load generator stopped."""
     base = _submitted(pins)[0]
     deadline = time.monotonic() + 30
+    lease = Lease(pins.pin_dir, seconds=60)  # a consumer that does not read yet
     while _submitted(pins)[0] - base < FILL and time.monotonic() < deadline:
         workload.paced(port, 1, 200_000)
+    lease.release()
     counter = LineCounter(
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), FILL
     )

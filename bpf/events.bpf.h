@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* 1 in sample_rate events of each type to the `events` ring buffer. */
+/* 1 in sample_rate events of each type to the `events` ring buffer, while a
+ * consumer (`ebpf-telemetry events`) holds a fresh lease: with nobody
+ * reading, nothing is sent and nothing is lost. */
 #ifndef __EVENTS_BPF_H
 #define __EVENTS_BPF_H
 
@@ -8,12 +10,13 @@
 /* wake the reader only once this much is waiting; it also polls on a timer */
 #define WAKEUP_BYTES (256 * 1024)
 
-/* the event's ktime if one was sampled (sent or lost), else 0 */
+/* the event's ktime if one was sampled (sent, lost, or nobody reading), else 0 */
 static __always_inline __u64 emit_event(const struct settings *s, __u32 type, __u32 node,
 					__u64 value, __u32 extra)
 {
 	struct telemetry_event *e;
-	__u32 rate = s->sample_rate;
+	struct events_lease *lease;
+	__u32 rate = s->sample_rate, zero = 0;
 	__u64 *ctr, flags, now;
 
 	if (!rate)
@@ -25,6 +28,9 @@ static __always_inline __u64 emit_event(const struct settings *s, __u32 type, __
 		return 0;
 	*ctr = 0;
 	now = bpf_ktime_get_ns();
+	lease = bpf_map_lookup_elem(&events_lease_map, &zero);
+	if (!lease || now >= lease->until)
+		return now;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_EVENTS_LOST);

@@ -107,6 +107,14 @@ struct {
 } stats_map SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct events_lease);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events_lease_map SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 24);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

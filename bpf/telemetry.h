@@ -94,6 +94,11 @@ struct cpu_time {
 	__u64 period_busy;     /* completed period of >= CPU_UTIL_PERIOD_NS */
 };
 
+/* the `events` consumer's lease: the kernel sends events only before `until` */
+struct events_lease {
+	__u64 until;           /* CLOCK_MONOTONIC ns (bpf_ktime_get_ns); 0: no consumer */
+};
+
 struct peer_alloc {
 	__u32 next_id;         /* next id the kernel hands out in auto mode */
 };

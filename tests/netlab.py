@@ -64,6 +64,7 @@ __all__ = [
     "TcpPingPong",
     "VethPair",
     "cleanup_stale_netns",
+    "net_counter",
     "netns_exists",
     "norm_addr",
     "run_in_netns",
@@ -1340,6 +1341,26 @@ def tcp_pingpong(
     ``tcpi_rtt``) read before closing.
     """
     return tcp_pingpong_many(ns, [(addr, port)], count, size, sources=[source], timeout=timeout)[0]
+
+
+# --------------------------------------------------------------------------
+# the namespace's own SNMP counters
+
+
+def net_counter(ns: Netns | str, name: str) -> int:
+    """A counter of a namespace's /proc/net/snmp or netstat, as "Tcp:RetransSegs"
+    or "TcpExt:TCPRetransFail" (/proc/thread-self/net: the thread's netns)."""
+    group, field_name = name.split(":")
+
+    def read() -> int:
+        for path in ("/proc/thread-self/net/snmp", "/proc/thread-self/net/netstat"):
+            with open(path) as f:
+                rows = [line.split() for line in f if line.startswith(group + ":")]
+            if rows and field_name in rows[0]:
+                return int(rows[1][rows[0].index(field_name)])
+        raise KeyError(name)
+
+    return run_in_netns(ns, read)
 
 
 # --------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """`run`: attach (or reuse the pins), then every interval read, compute, write.
 
-Signals only set flags: SIGTERM/SIGINT let the write in progress finish and
-exit 0 with the pins left in place; SIGHUP reloads the config (an invalid one
-is logged and the old one kept).
+Signals reach the main loop through a pipe (nothing runs in a handler):
+SIGTERM/SIGINT let the write in progress finish and exit 0 with the pins left
+in place; SIGHUP reloads the config (an invalid one is logged and the old one
+kept).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -28,24 +30,40 @@ from ebpf_telemetry.snapshot import Snapshot, Window, take
 log = structlog.get_logger("agent")
 
 
-@dataclass
 class Signals:
-    wake: threading.Event = field(default_factory=threading.Event)
-    stop: bool = False
-    reload: bool = False
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload), delivered through a pipe.
+
+    The handlers do nothing in Python: the interpreter's C-level handler
+    writes the signal number to the pipe (signal.set_wakeup_fd), which is
+    async-signal-safe; the main loop waits on the pipe with a deadline."""
+
+    WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stop = False
+        self.reload = False
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
-        signal.signal(signal.SIGHUP, self._reload)
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        for sig in self.WATCHED:
+            signal.signal(sig, _ignore)
 
-    def _stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop = True
-        self.wake.set()
+    def wait(self, seconds: float) -> None:
+        """Until a signal comes or seconds pass; sets stop/reload from what came."""
+        ready, _, _ = select.select([self.read_fd], [], [], max(0.0, seconds))
+        if not ready:
+            return
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(self.read_fd, 64):
+                if signum == signal.SIGHUP:
+                    self.reload = True
+                else:
+                    self.stop = True
 
-    def _reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload = True
-        self.wake.set()
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: nothing to do, the wake-up pipe carries it."""
 
 
 class Agent:
@@ -65,13 +83,13 @@ class Agent:
     def start(self) -> list[loader.Running]:
         host.preflight()
         exporter.preflight(self.cfg.textfile)
-        state = loader.attach(self.cfg)
-        self.collector.collectors = state
-        log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
-        if self.cfg.listen_addr:
+        if self.cfg.listen_addr:  # a busy port fails here, before the kernel is touched
             addr, port = self.cfg.listen_addr
             exporter.serve(self.registry, addr, port)
             log.info("listening", address=f"{addr}:{port}")
+        state = loader.attach(self.cfg)
+        self.collector.collectors = state
+        log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         return state
 
     def run(self, once: bool = False) -> int:
@@ -80,8 +98,7 @@ class Agent:
         prev = take(self.pins)
         deadline = prev.monotonic + self.cfg.interval_seconds
         while True:
-            self.signals.wake.wait(max(0.0, deadline - time.monotonic()))
-            self.signals.wake.clear()
+            self.signals.wait(deadline - time.monotonic())
             if self.signals.stop:
                 break
             if self.signals.reload:

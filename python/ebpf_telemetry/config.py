@@ -164,6 +164,8 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
             raise ConfigError(f"{path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): TOML is UTF-8") from None
     cfg = from_mapping(data, where)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     return from_mapping(flags, "command line", cfg) if flags else cfg

@@ -1,5 +1,8 @@
 """`events`: stream sampled events from the pinned ring buffer as JSON lines.
 
+The kernel sends events only while a consumer holds a fresh lease (Lease):
+with nobody reading, no event is sent and none is lost.
+
 The ring buffer's consumer is one callback per event, so the per-event path
 is kept short: struct unpacking, one f-string per line (ints and a fixed type
 name: nothing to escape), output written per batch or poll, not per line.
@@ -8,6 +11,7 @@ name: nothing to escape), output written per batch or poll, not per line.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -17,6 +21,34 @@ from ebpf_telemetry.values import EVENT_RECORD, EVENT_TYPES, TelemetryEvent
 
 POLL_MS = 100  # the kernel wakes us only for large batches; poll on a timer too
 BATCH = 4096  # JSON lines per write
+LEASE_SECONDS = 3.0  # a consumer killed without giving its lease back stops events this soon
+RENEW_SECONDS = 1.0
+
+
+class Lease:
+    """The consumer's lease (events_lease_map): the kernel sends events only
+    while it is fresh. Taken on creation, renewed by renew(), given back by
+    release() unless another consumer has renewed it since."""
+
+    def __init__(self, pin_dir: str, seconds: float = LEASE_SECONDS) -> None:
+        self.map = PinnedMap(pin_dir, "events_lease_map")
+        self.key = ffi.new("__u32 *", 0)
+        self.ns = int(seconds * 1e9)
+        self.until = self.renewed = 0
+        self.renew()
+
+    def renew(self) -> None:
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC: the kernel's bpf_ktime_get_ns()
+        if now - self.renewed < RENEW_SECONDS * 1e9:
+            return
+        self.until, self.renewed = now + self.ns, now
+        self.map.update(self.key, ffi.new("struct events_lease *", {"until": self.until}))
+
+    def release(self) -> None:
+        cur = self.map.lookup(self.key)
+        if cur is not None and cur[0].until == self.until:
+            self.map.update(self.key, ffi.new("struct events_lease *"))
+        self.map.close()
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -35,6 +67,7 @@ class EventReader:
             lib.ring_buffer__new(self.fd, lib.ebt_ringbuf_sample, self.handle, ffi.NULL),
             "ring buffer",
         )
+        self.lease = Lease(pin_dir)
         self.done = False
 
     def deliver(self, raw: bytes) -> int:
@@ -44,11 +77,13 @@ class EventReader:
 
     def poll(self) -> None:
         """Wait up to POLL_MS for a wake-up, then drain whatever is there."""
+        self.lease.renew()
         for ret in (lib.ring_buffer__poll(self.rb, POLL_MS), lib.ring_buffer__consume(self.rb)):
             if ret < 0 and ret != -4:  # EINTR
                 raise BpfError("ring buffer poll", ret)
 
     def close(self) -> None:
+        self.lease.release()
         lib.ring_buffer__free(self.rb)
         os.close(self.fd)
 

@@ -45,6 +45,7 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("peer_info_map", MAP_ARRAY, 4, "struct peer_info"),
         MapSpec("peer_alloc_map", MAP_ARRAY, 4, "struct peer_alloc"),
         MapSpec("settings_map", MAP_ARRAY, 4, "struct settings"),
+        MapSpec("events_lease_map", MAP_ARRAY, 4, "struct events_lease"),
         MapSpec("stats_map", MAP_PERCPU_ARRAY, 4, "__u64"),
         MapSpec("events", MAP_RINGBUF, 0, None),
     )

@@ -113,7 +113,8 @@ METRICS = _defs(
         "ebpf_events_sampled_total",
         "counter",
         ("node", "type"),
-        "Events sent to the ring buffer (1 in sample_rate), by type.",
+        "Events sent to the ring buffer (1 in sample_rate, only while `ebpf-telemetry events` "
+        "holds its lease), by type.",
         "stats_map[STAT_SAMPLED_BASE + type]",
     ),
     MetricDef(
