@@ -85,6 +85,9 @@ static __always_inline __u32 peer_find(const struct settings *s, struct peer_key
  * then the tables; every cache is valid for one generation of the table. */
 static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk, __u32 *overflow)
 {
+	/* one reading of the table's generation for the whole event: a cache
+	 * stamped with it holds an id looked up in that generation or later */
+	__u32 gen = *(volatile const __u32 *)&s->generation;
 	struct last_peer *last;
 	struct sock_peer *c;
 	struct peer_key key;
@@ -97,14 +100,14 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		__builtin_memcpy(key.addr, &sk->__sk_common.skc_v6_daddr, ADDR_LEN);
 	}
 	last = bpf_map_lookup_elem(&last_peer_cache, &zero);
-	if (last && last->generation == s->generation &&
+	if (last && last->generation == gen &&
 	    *(__u64 *)&last->addr[0] == *(__u64 *)&key.addr[0] &&
 	    *(__u64 *)&last->addr[8] == *(__u64 *)&key.addr[8]) {
 		*overflow = last->overflow;
 		return last->node_id;
 	}
 	c = bpf_sk_storage_get(&sock_peer_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (c && c->generation == s->generation) {
+	if (c && c->generation == gen) {
 		id = c->node_id;
 		*overflow = c->overflow;
 	} else {
@@ -112,14 +115,14 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		if (c) {
 			c->node_id = id;
 			c->overflow = *overflow;
-			c->generation = s->generation;
+			c->generation = gen;
 		}
 	}
 	if (last) {
 		__builtin_memcpy(last->addr, key.addr, ADDR_LEN);
 		last->node_id = id;
 		last->overflow = *overflow;
-		last->generation = s->generation;
+		last->generation = gen;
 	}
 	return id;
 }

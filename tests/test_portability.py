@@ -139,6 +139,21 @@ def test_doctor_says_what_run_does(pin_dir: str, tmp_path: Path) -> None:
         c: (variant if value == 1 else None) for c, (variant, value) in up.items()
     }
     assert said["kernel"] and all(v["loaded"] for v in said["collectors"].values())
+    # one misses counter per program that runs, named as the plan names it
+    running = {
+        p
+        for c in plan.COLLECTORS
+        for v in c.variants
+        if v.name == said["collectors"][c.name]["variant"]
+        for p in v.programs
+    }
+    misses = {
+        s.labels["program"]: s.value
+        for fam in text_string_to_metric_families(textfile.read_text())
+        if fam.name == "ebpf_bpf_misses"
+        for s in fam.samples
+    }
+    assert set(misses) == running, misses
 
 
 @pytest.mark.matrix

@@ -76,9 +76,17 @@ struct bpf_map_info {
 struct bpf_prog_info {
     __u32 type;
     __u32 id;
+    unsigned char tag[8];
     char name[16];
     __u64 run_time_ns;
     __u64 run_cnt;
+    __u64 recursion_misses;
+    ...;
+};
+struct bpf_link_info {
+    __u32 type;
+    __u32 id;
+    __u32 prog_id;
     ...;
 };
 struct btf_type {
@@ -137,6 +145,7 @@ int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
 bool bpf_map__is_pinned(const struct bpf_map *map);
 
 int bpf_obj_get(const char *pathname);
+int bpf_prog_get_fd_by_id(__u32 id);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);

@@ -146,6 +146,14 @@ METRICS = _defs(
         "agent clock",
     ),
     MetricDef(
+        "ebpf_bpf_misses_total",
+        "counter",
+        ("node", "program"),
+        "Runs of a program the kernel skipped because it was already running on that CPU "
+        "(events not counted).",
+        "bpf_prog_info.recursion_misses of each program behind a pinned link (5.12; tp_btf 6.1)",
+    ),
+    MetricDef(
         "ebpf_collector_up",
         "gauge",
         ("node", "collector", "variant"),
@@ -308,6 +316,10 @@ class TelemetryCollector(Collector):
             fam = _gauge(name)
             fam.add_metric([n], value)
             yield fam
+        misses = _counter("ebpf_bpf_misses_total")
+        for prog, count in sorted(w.cur.misses.items()):
+            misses.add_metric([n, prog], count)
+        yield misses
         up = _gauge("ebpf_collector_up")
         for r in self.collectors:
             up.add_metric([n, r.collector, r.variant or "none"], int(r.up))

@@ -10,6 +10,7 @@ Addresses are 16 bytes, IPv4 mapped as ::ffff:a.b.c.d, in one LPM trie.
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any
 
 from ebpf_telemetry.binding import ffi, lib
@@ -74,52 +75,76 @@ def assign_ids(current: dict[str, int], wanted: list[str], max_peers: int) -> di
     return {n: kept[n] if n in kept else next(free) for n in wanted}
 
 
+# how long a program that read the old table may still be running: BPF
+# programs run for microseconds; this is a grace period, not a poll
+GRACE_SECONDS = 0.02
+
+
 def apply(pins: Pins, cfg: Config) -> None:
-    """Write the configured peer table and settings; bump the generation so
-    sockets re-classify. Counters of ids that change hands are zeroed."""
+    """Write the configured peer table and settings, in two steps so that no
+    count of one peer ever shows under another:
+    1. ids that change hands lose their CIDRs (and auto-allocated addresses
+       are forgotten when leaving auto mode), the generation is bumped: every
+       socket cache is stale, their traffic counts under `other` meanwhile;
+    2. after a grace period no program writes those ids any more: their
+       counters are zeroed, the new names and CIDRs written, the generation
+       bumped again."""
     old = pins.settings()
-    info_map, cidr_map, addr_map = (
-        pins["peer_info_map"],
-        pins["peer_cidr_map"],
-        pins["peer_addr_map"],
-    )
+    info_map, cidr_map = pins["peer_info_map"], pins["peer_cidr_map"]
     auto = not cfg.peers
-    other = cfg.max_peers + 1
     current = _named_ids(pins)
     ids = assign_ids(current, list(cfg.peers), cfg.max_peers)
-
-    stale = {i for n, i in current.items() if ids.get(n) != i}
-    if auto != bool(old.auto_peers) or not auto:
-        # leaving (or never in) auto mode: forget kernel-allocated addresses
-        for k in list(addr_map.keys("struct peer_key")):
-            stale.add(int(addr_map.lookup(k)[0]))
-            addr_map.delete(k)
-        pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
-    # only the CIDRs that change are touched: no moment without the table
     wanted = {
         bytes(ffi.buffer(k)): (k, node_id)
         for name, node_id in ids.items()
         for k in (peer_key(net) for net in cfg.peers[name])
     }
+
+    # 1. retire
+    moving = {i for n, i in current.items() if ids.get(n) != i}
+    moving |= {i for n, i in ids.items() if current.get(n) != i}
+    if auto != bool(old.auto_peers) or not auto:
+        moving |= _forget_addresses(pins)
     for k in list(cidr_map.keys("struct peer_key")):
-        if bytes(ffi.buffer(k)) not in wanted:
+        have = int(cidr_map.lookup(k)[0])
+        if bytes(ffi.buffer(k)) not in wanted or have in moving:
             cidr_map.delete(k)
-    for node_id in stale - set(ids.values()):
+    for node_id in moving:
         info_map.update(ffi.new("__u32 *", node_id), _info(0))
+    generation = old.generation
+    if moving and old.generation:
+        generation += 1
+        _write_settings(pins, cfg, auto and bool(old.auto_peers), generation)
+        time.sleep(GRACE_SECONDS)
+
+    # 2. hand over
+    for node_id in moving:
         pins.zero_node(node_id)
     for name, node_id in ids.items():
-        if current.get(name) != node_id:
-            pins.zero_node(node_id)
         info_map.update(ffi.new("__u32 *", node_id), _info(lib.PEER_NAMED, name))
     for k, node_id in wanted.values():
         cidr_map.update(k, ffi.new("__u32 *", node_id))
-    info_map.update(ffi.new("__u32 *", other), _info(lib.PEER_OTHER, RESERVED_PEER))
+    info_map.update(ffi.new("__u32 *", cfg.max_peers + 1), _info(lib.PEER_OTHER, RESERVED_PEER))
+    _write_settings(pins, cfg, auto, generation + 1)
 
+
+def _forget_addresses(pins: Pins) -> set[int]:
+    """Drop every kernel-allocated address; the ids they held."""
+    addr_map = pins["peer_addr_map"]
+    ids = set()
+    for k in list(addr_map.keys("struct peer_key")):
+        ids.add(int(addr_map.lookup(k)[0]))
+        addr_map.delete(k)
+    pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
+    return ids
+
+
+def _write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> None:
     s = ffi.new("struct settings *")
     s.sample_rate = cfg.sample_rate
     s.debug = int(cfg.debug_trace)
     s.auto_peers = int(auto)
     s.max_peers = cfg.max_peers
-    s.other_node = other
-    s.generation = old.generation + 1
+    s.other_node = cfg.max_peers + 1
+    s.generation = generation
     pins["settings_map"].update(ffi.new("__u32 *", 0), s)

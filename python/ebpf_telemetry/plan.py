@@ -181,6 +181,16 @@ COLLECTORS = (
 BY_NAME = {c.name: c for c in COLLECTORS}
 
 
+def program_name(tracepoint: str, kernel_name: str) -> str:
+    """Our name of a program the kernel shows cut to 15 characters."""
+    for c in COLLECTORS:
+        for v in c.variants:
+            for h in v.hooks:
+                if h.tracepoint == tracepoint and h.program[:15] == kernel_name:
+                    return h.program
+    return kernel_name
+
+
 @dataclass(frozen=True)
 class Choice:
     collector: Collector

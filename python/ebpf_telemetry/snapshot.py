@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ebpf_telemetry import plan, programs
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
@@ -26,6 +27,7 @@ class Snapshot:
     runqlat: Hist
     drops: dict[int, int]  # enum skb_drop_reason value -> count
     cpu: CpuTime
+    misses: dict[str, int]  # program -> runs the kernel skipped (recursion_misses)
 
     def hist(self, node: int) -> Hist:
         return self.hists.get(node) or Hist.empty()
@@ -47,6 +49,10 @@ def take(pins: Pins) -> Snapshot:
         runqlat=pins.runqlat_hist(),
         drops=pins.drops(),
         cpu=pins.cpu_time(now),
+        misses={
+            plan.program_name(tp, p.name): p.recursion_misses
+            for tp, p in programs.linked(pins.pin_dir).items()
+        },
     )
 
 
