@@ -10,7 +10,8 @@ bpf_cflags = -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_$(1) -Ivmlinux/$(1) -Ib
 BPF_CFLAGS := $(call bpf_cflags,$(ARCH))
 BPF_HEADERS := $(wildcard bpf/*.h)
 OBJ := python/ebpf_telemetry/data/telemetry.bpf.o
-TEST_OBJ := build/slot_test.bpf.o build/telemetry-reject.bpf.o build/arm64/telemetry.bpf.o
+TEST_OBJ := build/slot_test.bpf.o build/telemetry-reject.bpf.o build/telemetry-other.bpf.o \
+	build/arm64/telemetry.bpf.o
 RUN_ARGS ?=
 PYTEST_ARGS ?=
 SOAK_ARGS ?= --duration 600
@@ -60,10 +61,16 @@ build/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h | deps
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 	llvm-strip -g $@
 
-# tests: the object with one program that no kernel's verifier accepts
+# tests: the object with one program that no kernel's verifier accepts, and
+# another build of the same programs (upgrades)
 build/telemetry-reject.bpf.o: bpf/telemetry.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h | deps
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -DEBT_TEST_REJECT -c $< -o $@
+	llvm-strip -g $@
+
+build/telemetry-other.bpf.o: bpf/telemetry.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h | deps
+	@mkdir -p build
+	$(CLANG) $(BPF_CFLAGS) -DEBT_TEST_OTHER_BUILD -c $< -o $@
 	llvm-strip -g $@
 
 # the object built for arm64 as well (vmlinux/arm64/README.md: why one header serves both)
@@ -87,7 +94,7 @@ build: deps $(OBJ) $(TEST_OBJ) $(VENV)/.stamp
 run: build mounts
 	$(VENV)/bin/ebpf-telemetry run $(RUN_ARGS)
 
-test: build deps-test mounts
+test: build deps-test wheel image mounts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # the kernel tests on the host and on Debian's newest 6.1 and 6.12 kernels
@@ -121,3 +128,38 @@ vmlinux:
 
 clean:
 	rm -rf build $(OBJ) $(VENV) python/ebpf_telemetry/_libbpf*.so python/*.egg-info
+
+# -- packaging: the wheel and the OCI image (docs/deploy.md) -------------------
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# build the image (mmdebstrap, umoci), read and push it (skopeo); tests run it
+# (runc) and verify the unit (systemd-analyze)
+APT_PACKAGING := mmdebstrap umoci skopeo runc systemd
+PACKAGE_SRC := pyproject.toml setup.py MANIFEST.in Makefile $(wildcard python/ebpf_telemetry/*.py) \
+	bpf/telemetry.bpf.c $(BPF_HEADERS) vmlinux/$(ARCH)/vmlinux.h
+WHEEL_STAMP := build/wheel.stamp
+IMAGE := dist/ebpf-telemetry-$(VERSION).oci.tar
+BPF_OUT ?= build/pkg/telemetry.bpf.o
+
+.PHONY: deps-packaging bpf-object wheel image
+
+deps-packaging: deps
+	$(call apt_install,$(APT_PACKAGING))
+
+# the packaged object: setup.py's build step runs this (no apt, no copy in the tree)
+bpf-object:
+	@mkdir -p $(dir $(BPF_OUT))
+	$(CLANG) $(BPF_CFLAGS) -c bpf/telemetry.bpf.c -o $(BPF_OUT)
+	llvm-strip -g $(BPF_OUT)
+
+# dist/ebpf_telemetry-$(VERSION)-<tags>.whl: the cffi extension and the object
+# compiled in this build; installing it needs python3 and libbpf1 only
+wheel: $(WHEEL_STAMP)
+$(WHEEL_STAMP): $(PACKAGE_SRC) | deps $(VENV)/.stamp
+	rm -rf build/lib build/lib.* build/bdist.* dist/ebpf_telemetry-$(VERSION)-*.whl
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w dist .
+	touch $@
+
+# dist/ebpf-telemetry-$(VERSION).oci.tar, from Debian packages (deploy/build-image.sh)
+image: $(IMAGE)
+$(IMAGE): $(WHEEL_STAMP) deploy/build-image.sh | deps-packaging
+	PIP=$(VENV)/bin/pip bash deploy/build-image.sh dist/ebpf_telemetry-$(VERSION)-*.whl $@

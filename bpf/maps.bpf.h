@@ -82,13 +82,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peer_info_map SEC(".maps");
 
+/* automatic peers: the ids free to hand out; userspace fills it with
+ * 1..max_peers and gives expired ids back after holding them back */
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, DEFAULT_NODES);
+	__uint(value_size, sizeof(__u32));
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_free_map SEC(".maps");
+
+/* node id -> last activity (CLOCK_REALTIME ns), or when it was retired;
+ * written by userspace only */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, DEFAULT_NODES);
 	__type(key, __u32);
-	__type(value, struct peer_alloc);
+	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} peer_alloc_map SEC(".maps");
+} peer_seen_map SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -180,6 +191,12 @@ static __always_inline const struct settings *get_settings(void)
 	__u32 zero = 0;
 	const struct settings *s = bpf_map_lookup_elem(&settings_map, &zero);
 
+#ifdef EBT_TEST_OTHER_BUILD
+	/* tests only (build/telemetry-other.bpf.o): another build of the same
+	 * programs, for the upgrade test; this never holds */
+	if (s && s->sample_rate == 0xffffffff)
+		return NULL;
+#endif
 	return s && s->generation ? s : NULL;
 }
 

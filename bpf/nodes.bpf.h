@@ -2,9 +2,11 @@
 /*
  * Which node a remote address belongs to. Configured peers: longest-prefix
  * match in peer_cidr_map, unmatched addresses go to the `other` node.
- * Automatic peers (no peers configured): one node per distinct address,
- * handed out by the kernel itself; once max_peers are taken, new addresses
- * count under `other` and in STAT_PEERS_OVERFLOW.
+ * Automatic peers (no peers configured): one node per distinct address (or
+ * subnet: auto_peer_prefix_v4/_v6), handed out by the kernel itself from a
+ * pool of free ids that userspace refills with the ids of peers idle for
+ * peer_idle_seconds; with the pool empty, new addresses count under `other`
+ * and in STAT_PEERS_OVERFLOW.
  * Addresses are 16 bytes; IPv4 is mapped as ::ffff:a.b.c.d.
  */
 #ifndef __NODES_BPF_H
@@ -24,27 +26,40 @@ static __always_inline void key_from_ipv4(struct peer_key *key, __u32 addr_be)
 	__builtin_memcpy(&key->addr[12], &addr_be, 4);
 }
 
+/* automatic peers: an address folded into its subnet (auto_peer_prefix_v4/_v6) */
+static __always_inline void fold(const struct settings *s, struct peer_key *key)
+{
+	__u32 *w = (__u32 *)key->addr;
+	int plen, i;
+
+	plen = (w[0] | w[1]) == 0 && w[2] == bpf_htonl(0xffff) ? 96 + s->auto_prefix_v4
+							       : s->auto_prefix_v6;
+	if (plen >= 128)
+		return;
+	for (i = 0; i < ADDR_LEN; i++) {
+		if (plen <= 8 * i)
+			key->addr[i] = 0;
+		else if (plen < 8 * (i + 1))
+			key->addr[i] &= (__u8)(0xff << (8 * (i + 1) - plen));
+	}
+}
+
+/* a new address takes an id from the free pool; none left: `other` */
 static __noinline __u32 peer_alloc(const struct settings *s, struct peer_key *key, __u32 *overflow)
 {
 	struct peer_info info = {};
-	struct peer_alloc *a;
-	__u32 zero = 0, nid, *id;
+	__u32 nid, *id;
 
-	a = bpf_map_lookup_elem(&peer_alloc_map, &zero);
-	if (!a || a->next_id >= s->max_peers)
-		goto full;
-	nid = __sync_fetch_and_add(&a->next_id, 1) + 1;
-	if (nid > s->max_peers)
+	if (bpf_map_pop_elem(&peer_free_map, &nid) || nid == 0 || nid > s->max_peers)
 		goto full;
 	__builtin_memcpy(info.addr, key->addr, ADDR_LEN);
 	info.flags = PEER_AUTO;
 	bpf_map_update_elem(&peer_info_map, &nid, &info, BPF_ANY);
 	if (bpf_map_update_elem(&peer_addr_map, key, &nid, BPF_NOEXIST) == 0)
 		return nid;
-	/* another CPU added this address first: use its id, nid stays unused */
+	/* another CPU added this address first: use its id, give ours back */
 	stat_inc(STAT_PEER_RACE);
-	info.flags = 0;
-	bpf_map_update_elem(&peer_info_map, &nid, &info, BPF_ANY);
+	bpf_map_push_elem(&peer_free_map, &nid, 0);
 	id = bpf_map_lookup_elem(&peer_addr_map, key);
 	if (id)
 		return *id;
@@ -53,7 +68,9 @@ full:
 	return s->other_node;
 }
 
-static __always_inline __u32 peer_lookup(const struct settings *s, struct peer_key *key, __u32 *overflow)
+/* the node of a remote address; allocate: whether a new address may take an id */
+static __always_inline __u32 classify(const struct settings *s, struct peer_key *key,
+				      __u32 *overflow, bool allocate)
 {
 	__u32 *id;
 
@@ -62,22 +79,24 @@ static __always_inline __u32 peer_lookup(const struct settings *s, struct peer_k
 		id = bpf_map_lookup_elem(&peer_cidr_map, key);
 		return id ? *id : s->other_node;
 	}
+	fold(s, key);
 	id = bpf_map_lookup_elem(&peer_addr_map, key);
 	if (id)
 		return *id;
-	return peer_alloc(s, key, overflow);
+	return allocate ? peer_alloc(s, key, overflow) : s->other_node;
+}
+
+static __always_inline __u32 peer_lookup(const struct settings *s, struct peer_key *key, __u32 *overflow)
+{
+	return classify(s, key, overflow, true);
 }
 
 /* an existing peer of this address, or NODE_HOST; never allocates (drops) */
 static __always_inline __u32 peer_find(const struct settings *s, struct peer_key *key)
 {
-	__u32 *id;
+	__u32 overflow, id = classify(s, key, &overflow, false);
 
-	if (s->auto_peers)
-		id = bpf_map_lookup_elem(&peer_addr_map, key);
-	else
-		id = bpf_map_lookup_elem(&peer_cidr_map, key);
-	return id ? *id : NODE_HOST;
+	return id == s->other_node ? NODE_HOST : id;
 }
 
 /* the socket's node id. First the CPU's last address (a run of
@@ -111,7 +130,9 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		id = c->node_id;
 		*overflow = c->overflow;
 	} else {
-		id = peer_lookup(s, &key, overflow);
+		struct peer_key folded = key;  /* the caches keep the address as is */
+
+		id = peer_lookup(s, &folded, overflow);
 		if (c) {
 			c->node_id = id;
 			c->overflow = *overflow;

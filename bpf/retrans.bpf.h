@@ -82,7 +82,9 @@ int BPF_PROG(tcp_retransmit_synack, const struct sock *sk, const struct request_
 		key.prefixlen = 128;
 		__builtin_memcpy(key.addr, &c->skc_v6_daddr, ADDR_LEN);
 	}
-	node = peer_lookup(s, &key, &overflow);
+	/* a request socket never takes a peer id: a SYN flood from spoofed
+	 * addresses must not fill the table (unknown addresses: `other`) */
+	node = classify(s, &key, &overflow, false);
 	record_retrans(s, node, overflow, 1, TCP_SYN_RECV);
 	return 0;
 }

@@ -29,7 +29,8 @@
 #define EVENT_TYPES 5          /* index 0 unused */
 
 /* indices of stats_map, a per-CPU array of __u64 counters */
-#define STAT_SAMPLED_BASE 0    /* + event_type: events submitted */
+#define STAT_PEERS_EXPIRED 0   /* ids expired and freed: userspace writes it, CPU 0's row only */
+#define STAT_SAMPLED_BASE 0    /* + event_type (1..4): events submitted */
 #define STAT_EVENTS_LOST 5     /* ring buffer reservations that failed */
 #define STAT_PEERS_OVERFLOW 6  /* events counted under `other`: table full */
 #define STAT_PEER_RACE 7       /* ids lost to two CPUs adding one address */
@@ -39,6 +40,7 @@
 #define PEER_AUTO 1            /* allocated by the kernel for one address */
 #define PEER_NAMED 2           /* configured by userspace */
 #define PEER_OTHER 4           /* the reserved overflow node */
+#define PEER_RETIRING 8        /* PEER_AUTO expired: no address maps to it, held back */
 
 struct hist {
 	__u64 slots[MAX_SLOTS];
@@ -70,6 +72,8 @@ struct settings {
 	__u32 max_peers;       /* peer ids are 1..max_peers */
 	__u32 other_node;      /* max_peers + 1 */
 	__u32 generation;      /* bumped when the peer table changes */
+	__u32 auto_prefix_v4;  /* automatic peers: addresses folded into subnets of */
+	__u32 auto_prefix_v6;  /* these prefix lengths (32 / 128: one per address) */
 };
 
 struct peer_key {              /* LPM trie key of peer_cidr_map */
@@ -99,9 +103,6 @@ struct events_lease {
 	__u64 until;           /* CLOCK_MONOTONIC ns (bpf_ktime_get_ns); 0: no consumer */
 };
 
-struct peer_alloc {
-	__u32 next_id;         /* next id the kernel hands out in auto mode */
-};
 /* SHARED END */
 
 #endif /* __TELEMETRY_H */

@@ -3,14 +3,16 @@
 # no registry (`make image` runs this; docs/deploy.md pushes the result):
 #   layer 1  a Debian root file system from mmdebstrap: the Essential packages,
 #            python3, libbpf1 and mount (the DaemonSet's init container mounts
-#            bpffs); no apt, docs, man pages or locales. Cached under
-#            build/image/ by a hash of everything mmdebstrap is given.
+#            bpffs); no apt, docs, man pages, locales or gconv modules. Cached
+#            under build/image/ by a hash of everything mmdebstrap is given.
 #   layer 2  /opt/ebpf-telemetry/venv: the wheel and its dependencies from PyPI
 #            (cffi, prometheus_client, structlog: Debian 12's are too old for
 #            pyproject.toml), installed by the image's own python3 in a chroot,
 #            with pip run from its wheel so that no pip stays in the image.
 # umoci assembles the layers and the config into an OCI archive.
 # Usage: deploy/build-image.sh WHEEL OUT.oci.tar   (PIP: the host's pip)
+# The host's pip fetches the dependencies' wheels: IMAGE_SUITE's python3 must
+# be the host's (Debian 12 on both: 3.11).
 set -euo pipefail
 
 wheel=$(realpath "$1")

@@ -5,6 +5,7 @@ the loader. (`make test-kernels` runs the `matrix` tests in each VM kernel.)"""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,57 @@ def test_no_collector_at_all_is_one_error_line(pin_dir: str, tmp_path: Path) -> 
         "ebpf-telemetry: error: no collector can run on this kernel: "
         + "; ".join(f"{c.name}: {why}" for c in plan.COLLECTORS)
     ], r.stderr
+
+
+# -- upgrades --------------------------------------------------------------------
+
+OTHER_BUILD = str(Path(__file__).parents[1] / "build" / "telemetry-other.bpf.o")
+
+
+@pytest.mark.matrix
+def test_run_over_another_builds_pins_upgrades_in_place(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pins left by another build: `run` replaces the programs behind the
+    pinned links, keeps every map and counter, and no round trip made during
+    the switch goes uncounted."""
+    from agentlab import attach, peer_id
+    from ebpf_telemetry import loader, programs
+    from ebpf_telemetry.snapshot import Window, take
+    from netlab import Netns, TcpEchoServer, TcpPingPong, veth_pair
+
+    with Netns("a") as a, Netns("b") as b:
+        veth = veth_pair(a, b, v6=None)
+        cfg = make_config(peers={"b": [f"{veth.v4_b}/32"]})
+        monkeypatch.setenv("EBPF_TELEMETRY_OBJECT", OTHER_BUILD)
+        with attach(cfg) as pins, TcpEchoServer(b, veth.v4_b) as srv:
+            old_tags = {tp: p.tag for tp, p in programs.linked(cfg.pin_dir).items()}
+            monkeypatch.delenv("EBPF_TELEMETRY_OBJECT")
+            with TcpPingPong(a, [(veth.v4_b, srv.port)]) as pp:
+                pp.run(100)
+                before = take(pins)
+                stop, done = threading.Event(), [0]
+
+                def traffic() -> None:
+                    while not stop.is_set():
+                        pp.run(10)
+                        done[0] += 10
+
+                t = threading.Thread(target=traffic)
+                t.start()
+                try:
+                    state = {r.collector: r.state for r in loader.attach(cfg)}
+                    again = {r.collector: r.state for r in loader.attach(cfg)}
+                finally:
+                    stop.set()
+                    t.join()
+                after = take(pins)
+            new_tags = {tp: p.tag for tp, p in programs.linked(cfg.pin_dir).items()}
+    node = peer_id(after, "b")
+    counted = Window(before, after).node(node).rtt_count
+    print(f"\nupgrade: {state}; round trips during it {done[0]}, counted {counted}")
+    assert set(state.values()) == {"upgraded"} and set(again.values()) == {"pinned"}
+    changed = {tp for tp in new_tags if new_tags[tp] != old_tags.get(tp)}
+    assert changed >= {"tcp_probe", "tcp_retransmit_skb", "kfree_skb", "sched_switch"}
+    assert after.node(node).rtt_count >= before.node(node).rtt_count  # no reset
+    assert done[0] >= 10 and abs(counted - done[0]) <= 2

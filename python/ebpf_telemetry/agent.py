@@ -124,7 +124,9 @@ class Agent:
     def cycle(self, prev: Snapshot) -> tuple[Snapshot, bool]:
         t0 = time.perf_counter()
         cur = take(self.pins)
-        self.collector.update(Window(prev, cur), time.perf_counter() - t0)
+        window = Window(prev, cur)
+        self.collector.update(window, time.perf_counter() - t0)
+        nodes.expire(self.pins, self.cfg, window.active(), time.time_ns())
         try:
             exporter.write_textfile(self.cfg.textfile, self.registry)
             self.writes += 1

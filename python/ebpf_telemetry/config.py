@@ -35,6 +35,9 @@ class Config:
     listen: str | None = None
     sample_rate: int = 100
     max_peers: int = 255
+    peer_idle_seconds: float = 900.0
+    auto_peer_prefix_v4: int = 32
+    auto_peer_prefix_v6: int = 128
     debug_trace: bool = False
     peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
 
@@ -51,6 +54,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "listen": (str,),
     "sample_rate": (int,),
     "max_peers": (int,),
+    "peer_idle_seconds": (int, float),
+    "auto_peer_prefix_v4": (int,),
+    "auto_peer_prefix_v6": (int,),
     "debug_trace": (bool,),
     "peers": (dict,),
 }
@@ -141,6 +147,11 @@ def validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: {key} must not contain a NUL character")
     if not 1 <= cfg.max_peers <= lib.MAX_PEERS_LIMIT:
         raise ConfigError(f"{where}: max_peers must be 1..{lib.MAX_PEERS_LIMIT}")
+    if not (math.isfinite(cfg.peer_idle_seconds) and cfg.peer_idle_seconds > 0):
+        raise ConfigError(f"{where}: peer_idle_seconds must be > 0")
+    for key, top in (("auto_peer_prefix_v4", 32), ("auto_peer_prefix_v6", 128)):
+        if not 0 <= getattr(cfg, key) <= top:
+            raise ConfigError(f"{where}: {key} must be 0..{top}")
     if len(cfg.peers) > cfg.max_peers:
         raise ConfigError(f"{where}: {len(cfg.peers)} peers configured, max_peers {cfg.max_peers}")
     if not cfg.node_name:

@@ -15,7 +15,8 @@ from typing import Any
 from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
 
 # enum bpf_map_type values used here (uapi linux/bpf.h)
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LPM_TRIE, MAP_RINGBUF = 1, 2, 6, 11, 27
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LPM_TRIE = 1, 2, 6, 11
+MAP_QUEUE, MAP_RINGBUF = 22, 27
 BTF_KIND_INT, BTF_KIND_STRUCT, BTF_KIND_TYPEDEF = 1, 4, 8
 BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 9, 10, 11
 
@@ -43,7 +44,8 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("peer_cidr_map", MAP_LPM_TRIE, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_addr_map", MAP_HASH, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_info_map", MAP_ARRAY, 4, "struct peer_info"),
-        MapSpec("peer_alloc_map", MAP_ARRAY, 4, "struct peer_alloc"),
+        MapSpec("peer_free_map", MAP_QUEUE, 0, "__u32"),
+        MapSpec("peer_seen_map", MAP_ARRAY, 4, "__u64"),
         MapSpec("settings_map", MAP_ARRAY, 4, "struct settings"),
         MapSpec("events_lease_map", MAP_ARRAY, 4, "struct events_lease"),
         MapSpec("stats_map", MAP_PERCPU_ARRAY, 4, "__u64"),

@@ -7,8 +7,8 @@ and the others run. Maps are pinned by name under the pin dir (default
 /sys/fs/bpf/ebpf_telemetry/) and shared by every collector's object; each
 program's link is pinned under links/<tracepoint>. A pinned link keeps its
 program attached with no process holding it, so the kernel counts while no
-agent runs; `run` loads only collectors whose links are missing and reuses
-the pinned maps as they are (counters continue).
+agent runs; `run` reuses the pinned maps as they are (counters continue)
+and replaces pinned programs only where this build's differ (upgrades).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from ebpf_telemetry import facts, host, nodes, plan
+from ebpf_telemetry import facts, host, nodes, plan, programs
 from ebpf_telemetry.binding import BpfError, TelemetryError, captured, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.facts import KernelFacts
@@ -32,7 +32,15 @@ from ebpf_telemetry.pinned import PinnedMap
 
 log = structlog.get_logger("loader")
 
-NODE_MAPS = ("rtt_hist_map", "node_metrics_map", "peer_info_map", "peer_addr_map")
+NODE_MAPS = (
+    "rtt_hist_map",
+    "node_metrics_map",
+    "peer_info_map",
+    "peer_addr_map",
+    "peer_seen_map",
+    "peer_free_map",
+)
+LEGACY_PINS = ("peer_alloc_map",)  # pinned by earlier releases; unload removes them
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class Running:
 
     collector: str
     variant: str | None  # None: skipped
-    state: str  # "attached", "pinned" (kept from an earlier run), "skipped"
+    state: str  # "attached", "upgraded", "pinned" (kept as an earlier run left it), "skipped"
     why: str = ""  # skipped: the reason; degraded: what the variant loses
 
     @property
@@ -160,40 +168,71 @@ def linked(pin_dir: str, c: plan.Collector) -> bool:
 def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
     """Make every collector this kernel can serve run, reusing pins; write
     peers and settings. `kernel`: the facts to plan with (default: this
-    kernel's, or EBPF_TELEMETRY_FACTS)."""
+    kernel's, or EBPF_TELEMETRY_FACTS).
+
+    Every planned collector is loaded; one whose pinned links already run
+    these very programs (same tags) is kept as it is; one whose links run
+    other programs (another release, another variant) is upgraded in place:
+    the new programs are attached, then their link pins replace the old ones
+    (rename), which detaches the old programs. The maps stay: no counter
+    resets, and no moment in which nothing counts."""
     host.preflight()
     host.ensure_bpffs(cfg.pin_dir)
     _check_existing(cfg)
     host.make_pin_dir(cfg.pin_dir)
     out: dict[str, Running] = {}
     with contextlib.ExitStack() as objects:
-        loaded: list[tuple[plan.Choice, Any]] = []
+        todo: list[tuple[plan.Choice, Any, str]] = []
         for ch in plan.plan(kernel or facts.current()):
             if ch.variant is None:
                 out[ch.name] = _skipped(ch.name, ch.why)
-            elif linked(cfg.pin_dir, ch.collector):
+                continue
+            pinned = linked(cfg.pin_dir, ch.collector)
+            obj = objects.enter_context(opened(cfg.pin_dir, cfg.max_peers))
+            try:
+                load(obj, ch.variant)
+            except BpfError as e:
+                out[ch.name] = (
+                    Running(ch.name, ch.variant.name, "pinned", f"kept: {e}")
+                    if pinned
+                    else _skipped(ch.name, str(e))
+                )
+                continue
+            if pinned and _runs_already(obj, ch.variant, cfg.pin_dir):
                 out[ch.name] = Running(ch.name, ch.variant.name, "pinned", ch.why)
             else:
-                obj = objects.enter_context(opened(cfg.pin_dir, cfg.max_peers))
-                try:
-                    load(obj, ch.variant)
-                    loaded.append((ch, obj))
-                except BpfError as e:
-                    out[ch.name] = _skipped(ch.name, str(e))
+                todo.append((ch, obj, "upgraded" if pinned else "attached"))
         if not Pins(cfg.pin_dir).exists():
             why = "; ".join(f"{r.collector}: {r.why}" for r in out.values())
             raise TelemetryError(f"no collector can run on this kernel: {why}")
         with Pins(cfg.pin_dir) as pins:  # programs count nothing until this is written
             nodes.apply(pins, cfg)
-        for ch, obj in loaded:
+        for ch, obj, state in todo:
             assert ch.variant is not None
             for h in ch.variant.hooks:
                 _attach_one(obj, h, cfg.pin_dir)
-            out[ch.name] = Running(ch.name, ch.variant.name, "attached", ch.why)
-            log.info("attached", collector=ch.name, variant=ch.variant.name)
+            out[ch.name] = Running(ch.name, ch.variant.name, state, ch.why)
+            log.info(state, collector=ch.name, variant=ch.variant.name)
     if out["sched"].state == "attached":
         host.visit_every_cpu()  # CPU time is counted from each CPU's first switch
     return [out[c.name] for c in plan.COLLECTORS]
+
+
+def _program(obj: Any, name: str) -> Any:
+    return check_ptr(lib.bpf_object__find_program_by_name(obj, name.encode()), name)
+
+
+def _runs_already(obj: Any, variant: plan.Variant, pin_dir: str) -> bool:
+    """Do the pinned links run exactly the programs just loaded (same tags)?"""
+    for h in variant.hooks:
+        try:
+            pinned = programs.behind_link(link_path(pin_dir, h.tracepoint))
+        except BpfError:
+            return False
+        fresh = programs.of_fd(lib.bpf_program__fd(_program(obj, h.program)))
+        if (pinned.name, pinned.tag) != (fresh.name, fresh.tag):
+            return False
+    return True
 
 
 def _skipped(collector: str, why: str) -> Running:
@@ -202,13 +241,16 @@ def _skipped(collector: str, why: str) -> Running:
 
 
 def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
-    prog = check_ptr(lib.bpf_object__find_program_by_name(obj, h.program.encode()), h.program)
-    link = check_ptr(lib.bpf_program__attach(prog), f"attach {h.program}")
+    """Attach, pin under a temporary name, then rename over the old pin (if
+    any): the old link's last reference goes and its program detaches."""
+    link = check_ptr(lib.bpf_program__attach(_program(obj, h.program)), f"attach {h.program}")
     try:
         path = link_path(pin_dir, h.tracepoint)
+        fresh = path + "-new"  # no dots: bpffs refuses them
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a half-attached collector from a crash: replace it
-        check(lib.bpf_link__pin(link, path.encode()), f"pin link {h.tracepoint}")
+            os.unlink(fresh)  # left by a crash
+        check(lib.bpf_link__pin(link, fresh.encode()), f"pin link {h.tracepoint}")
+        os.rename(fresh, path)
     finally:
         lib.bpf_link__destroy(link)  # the pin keeps it attached
 
@@ -219,7 +261,8 @@ def unload(pin_dir: str) -> list[str]:
     if not os.path.isdir(pin_dir):
         raise TelemetryError(f"nothing pinned at {pin_dir}")
     links = os.path.join(pin_dir, "links")
-    ours = [f"links/{tp}" for c in plan.COLLECTORS for tp in c.tracepoints] + list(MAPS)
+    ours = [f"links/{tp}{s}" for c in plan.COLLECTORS for tp in c.tracepoints for s in ("", "-new")]
+    ours += [*MAPS, *LEGACY_PINS]
     for name in ours:
         path = os.path.join(pin_dir, name)
         if os.path.lexists(path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Self
 
-from ebpf_telemetry.binding import ffi
+from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import STATS, CpuTime, Hist, NodeMetrics
 
@@ -91,6 +91,20 @@ class Pins:
         hists = {i: Hist.from_percpu(hvals, i * hm.ncpu, hm.ncpu) for i in range(n)}
         metrics = {i: NodeMetrics.from_percpu(mvals, i * mm.ncpu, mm.ncpu) for i in range(k)}
         return hists, metrics
+
+    def add_expired(self, n: int) -> None:
+        """ebpf_peers_expired_total: stats_map[STAT_PEERS_EXPIRED], a slot no
+        program writes (userspace counts into CPU 0's row)."""
+        m = self["stats_map"]
+        key = ffi.new("__u32 *", lib.STAT_PEERS_EXPIRED)
+        row = m.lookup(key)
+        row[0] += n
+        m.update(key, row)
+
+    def seen(self) -> dict[int, int]:
+        """node id -> last activity (or retirement), CLOCK_REALTIME ns, where known."""
+        n, vals = self["peer_seen_map"].array_rows()
+        return {i: int(vals[i]) for i in range(n) if vals[i]}
 
     def zero_node(self, node_id: int) -> None:
         """Reset one node's counters (its id is given to another peer)."""

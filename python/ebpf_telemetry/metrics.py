@@ -132,6 +132,27 @@ METRICS = _defs(
         "stats_map[STAT_PEERS_OVERFLOW]",
     ),
     MetricDef(
+        "ebpf_peers",
+        "gauge",
+        ("node",),
+        "Peer ids in use (configured names, or automatic peers not yet expired).",
+        "peer_info_map entries named or allocated",
+    ),
+    MetricDef(
+        "ebpf_peers_max",
+        "gauge",
+        ("node",),
+        "Peer ids there are (max_peers); beyond them traffic counts under peer=\"other\".",
+        "settings_map.max_peers",
+    ),
+    MetricDef(
+        "ebpf_peers_expired_total",
+        "counter",
+        ("node",),
+        "Automatic peer ids expired after peer_idle_seconds without traffic and freed for reuse.",
+        "stats_map[STAT_PEERS_EXPIRED] (the agent counts)",
+    ),
+    MetricDef(
         "ebpf_telemetry_last_update_timestamp_seconds",
         "gauge",
         ("node",),
@@ -305,11 +326,15 @@ class TelemetryCollector(Collector):
         for name, key in (
             ("ebpf_events_lost_total", "events_lost"),
             ("ebpf_peers_overflow_total", "peers_overflow"),
+            ("ebpf_peers_expired_total", "peers_expired"),
         ):
             c = _counter(name)
             c.add_metric([n], st[key])
             yield c
+        in_use = sum(1 for i, label in w.cur.peers.items() if i != HOST and label != "other")
         for name, value in (
+            ("ebpf_peers", float(in_use)),
+            ("ebpf_peers_max", float(w.cur.max_peers)),
             ("ebpf_telemetry_last_update_timestamp_seconds", w.cur.wall),
             ("ebpf_telemetry_collect_duration_seconds", self.collect_seconds),
         ):

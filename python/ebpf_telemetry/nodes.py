@@ -3,8 +3,10 @@
 Node 0 is this host. Configured peers get ids 1..N that stay the same across
 reloads for a name that stays (its counters continue); an id handed to a new
 name starts from zero. With no peers configured the kernel hands out one id
-per remote address itself (bpf/nodes.bpf.h). Id max_peers + 1 is `other`.
-Addresses are 16 bytes, IPv4 mapped as ::ffff:a.b.c.d, in one LPM trie.
+per remote address (or subnet) itself, from a pool of free ids
+(bpf/nodes.bpf.h); expire() takes back the ids of peers idle for
+peer_idle_seconds. Id max_peers + 1 is `other`. Addresses are 16 bytes, IPv4
+mapped as ::ffff:a.b.c.d.
 """
 
 from __future__ import annotations
@@ -39,15 +41,25 @@ def addr_text(raw: bytes) -> str:
     return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
 
 
+def auto_label(raw: bytes, prefix_v4: int, prefix_v6: int) -> str:
+    """An automatic peer's label: its address, or its subnet when folded."""
+    a = ipaddress.IPv6Address(raw)
+    if a.ipv4_mapped:
+        return str(a.ipv4_mapped) + (f"/{prefix_v4}" if prefix_v4 < 32 else "")
+    return str(a) + (f"/{prefix_v6}" if prefix_v6 < 128 else "")
+
+
 def peer_names(pins: Pins) -> dict[int, str]:
-    """node id -> peer label, for every id the table knows."""
+    """node id -> peer label, for every id in use (retiring ids have none)."""
+    s = pins.settings()
     m = pins["peer_info_map"]
     n, vals = m.array_rows()
     names: dict[int, str] = {}
     for i in range(n):
         v = vals[i]
         if v.flags & lib.PEER_AUTO:
-            names[i] = addr_text(bytes(ffi.buffer(v.addr, 16)))
+            raw = bytes(ffi.buffer(v.addr, 16))
+            names[i] = auto_label(raw, s.auto_prefix_v4, s.auto_prefix_v6)
         elif v.flags & (lib.PEER_NAMED | lib.PEER_OTHER):
             names[i] = ffi.string(v.name).decode(errors="replace")
     return names
@@ -105,6 +117,8 @@ def apply(pins: Pins, cfg: Config) -> None:
     moving |= {i for n, i in ids.items() if current.get(n) != i}
     if auto != bool(old.auto_peers) or not auto:
         moving |= _forget_addresses(pins)
+    if auto and (not old.auto_peers or not old.generation):
+        _fill_pool(pins, cfg.max_peers)
     for k in list(cidr_map.keys("struct peer_key")):
         have = int(cidr_map.lookup(k)[0])
         if bytes(ffi.buffer(k)) not in wanted or have in moving:
@@ -129,14 +143,22 @@ def apply(pins: Pins, cfg: Config) -> None:
 
 
 def _forget_addresses(pins: Pins) -> set[int]:
-    """Drop every kernel-allocated address; the ids they held."""
+    """Drop every kernel-allocated address and the free pool; the ids they held."""
     addr_map = pins["peer_addr_map"]
     ids = set()
     for k in list(addr_map.keys("struct peer_key")):
         ids.add(int(addr_map.lookup(k)[0]))
         addr_map.delete(k)
-    pins["peer_alloc_map"].update(ffi.new("__u32 *", 0), ffi.new("struct peer_alloc *"))
+    pins["peer_free_map"].drain()
     return ids
+
+
+def _fill_pool(pins: Pins, max_peers: int) -> None:
+    """Every id free for the kernel to hand out (entering auto mode)."""
+    pool = pins["peer_free_map"]
+    pool.drain()
+    for i in range(1, max_peers + 1):
+        pool.push(i)
 
 
 def _write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> None:
@@ -147,4 +169,59 @@ def _write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> Non
     s.max_peers = cfg.max_peers
     s.other_node = cfg.max_peers + 1
     s.generation = generation
+    s.auto_prefix_v4 = cfg.auto_peer_prefix_v4
+    s.auto_prefix_v6 = cfg.auto_peer_prefix_v6
     pins["settings_map"].update(ffi.new("__u32 *", 0), s)
+
+
+# -- automatic peers that come and go ---------------------------------------------------
+
+
+def expire(pins: Pins, cfg: Config, active: set[int], now_ns: int) -> int:
+    """One step of the automatic peers' life, each agent cycle; `active`:
+    the ids whose counters moved in the last interval. Returns ids retired.
+
+    - an id in use notes its last activity (peer_seen_map);
+    - an id idle for peer_idle_seconds is retired: its address leaves the
+      table and the generation is bumped (no socket cache can count it any
+      more), its label goes (its series leave the textfile);
+    - a retired id, once nothing can still write it (GRACE_SECONDS later, at
+      the next cycle at the earliest), is zeroed and given back to the pool:
+      its next owner starts from 0 under its own label."""
+    if cfg.peers:
+        return 0
+    info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
+    _, infos = info_map.array_rows()
+    _, seen = seen_map.array_rows()
+    idle_ns, grace_ns = int(cfg.peer_idle_seconds * 1e9), int(GRACE_SECONDS * 1e9)
+    retire, free = [], []
+    for i in range(1, cfg.max_peers + 1):
+        flags = infos[i].flags
+        if flags & lib.PEER_AUTO and (i in active or not seen[i]):
+            seen_map.update(ffi.new("__u32 *", i), ffi.new("__u64 *", now_ns))
+        elif flags & lib.PEER_AUTO and now_ns - seen[i] >= idle_ns:
+            retire.append(i)
+        elif flags & lib.PEER_RETIRING and now_ns - seen[i] >= grace_ns:
+            free.append(i)
+    if retire:
+        _retire(pins, cfg, retire, now_ns)
+    for i in free:
+        pins.zero_node(i)
+        info_map.update(ffi.new("__u32 *", i), _info(0))
+        pins["peer_free_map"].push(i)
+    if free:
+        pins.add_expired(len(free))
+    return len(retire)
+
+
+def _retire(pins: Pins, cfg: Config, ids: list[int], now_ns: int) -> None:
+    addr_map, info_map = pins["peer_addr_map"], pins["peer_info_map"]
+    gone = set(ids)
+    for k in list(addr_map.keys("struct peer_key")):
+        v = addr_map.lookup(k)
+        if v is not None and int(v[0]) in gone:
+            addr_map.delete(k)
+    for i in ids:
+        info_map.update(ffi.new("__u32 *", i), _info(lib.PEER_RETIRING))
+        pins["peer_seen_map"].update(ffi.new("__u32 *", i), ffi.new("__u64 *", now_ns))
+    _write_settings(pins, cfg, True, pins.settings().generation + 1)

@@ -71,6 +71,20 @@ class PinnedMap:
         if lib.bpf_map_delete_elem(self.fd, key) < 0 and ffi.errno != 2:
             raise BpfError(f"delete in {self.path}", ffi.errno)
 
+    def push(self, value: int) -> None:
+        """Queue maps: add a value at the tail."""
+        check(
+            lib.bpf_map_update_elem(self.fd, ffi.NULL, ffi.new("__u32 *", value), 0),
+            f"push to {self.path}",
+        )
+
+    def drain(self) -> list[int]:
+        """Queue maps: take every value out, head first."""
+        out, v = [], ffi.new("__u32 *")
+        while lib.bpf_map_lookup_and_delete_elem(self.fd, ffi.NULL, v) == 0:
+            out.append(int(v[0]))
+        return out
+
     def keys(self, ktype: str) -> Iterator[Any]:
         """Every key, each a `ktype *` owning its memory."""
         prev, nxt = ffi.NULL, ffi.new(f"{ktype} *")

@@ -28,6 +28,8 @@ class Snapshot:
     drops: dict[int, int]  # enum skb_drop_reason value -> count
     cpu: CpuTime
     misses: dict[str, int]  # program -> runs the kernel skipped (recursion_misses)
+    seen: dict[int, int]  # node id -> last activity, CLOCK_REALTIME ns (automatic peers)
+    max_peers: int
 
     def hist(self, node: int) -> Hist:
         return self.hists.get(node) or Hist.empty()
@@ -53,6 +55,8 @@ def take(pins: Pins) -> Snapshot:
             plan.program_name(tp, p.name): p.recursion_misses
             for tp, p in programs.linked(pins.pin_dir).items()
         },
+        seen=pins.seen(),
+        max_peers=int(pins.settings().max_peers),
     )
 
 
@@ -69,16 +73,23 @@ class Window:
     def seconds(self) -> float:
         return self.cur.monotonic - self.prev.monotonic
 
+    def _same_owner(self, node: int) -> bool:
+        """Did node belong to the same peer at both readings? An id that
+        changed hands (an expired automatic peer's, reused) starts from 0."""
+        return self.prev.peers.get(node) == self.cur.peers.get(node)
+
     def hist(self, node: int) -> Hist:
         h = self._hists.get(node)
         if h is None:
-            h = self._hists[node] = self.cur.hist(node).since(self.prev.hist(node))
+            prev = self.prev.hist(node) if self._same_owner(node) else Hist.empty()
+            h = self._hists[node] = self.cur.hist(node).since(prev)
         return h
 
     def node(self, node: int) -> NodeMetrics:
         m = self._nodes.get(node)
         if m is None:
-            m = self._nodes[node] = self.cur.node(node).since(self.prev.node(node))
+            prev = self.prev.node(node) if self._same_owner(node) else NodeMetrics()
+            m = self._nodes[node] = self.cur.node(node).since(prev)
         return m
 
     @property
@@ -93,6 +104,14 @@ class Window:
     def rtt_quantiles_us(self, node: int, qs: Sequence[float]) -> list[float | None]:
         """Quantiles of the RTT samples of this window, microseconds."""
         return self.hist(node).quantiles(qs, self.node(node).rtt_mean)
+
+    def active(self) -> set[int]:
+        """Nodes whose counters moved in this window."""
+        return {
+            i
+            for i in self.cur.metrics
+            if (m := self.node(i)).rtt_count or m.retrans_count or m.drop_count
+        }
 
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
         return self.rtt_quantiles_us(node, (q,))[0]

@@ -161,4 +161,5 @@ STATS = {
     "events_lost": lib.STAT_EVENTS_LOST,
     "peers_overflow": lib.STAT_PEERS_OVERFLOW,
     "peer_race": lib.STAT_PEER_RACE,
+    "peers_expired": lib.STAT_PEERS_EXPIRED,
 }

@@ -1,0 +1,122 @@
+"""Automatic peers that come and go: ids expire after peer_idle_seconds, are
+reused, and no count of one peer ever shows under another's label. Real
+traffic to many addresses of a namespace the test makes; the agent's own
+cycle (read, expire, write the textfile) runs as `run` runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ebpf_telemetry.agent import Agent
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
+from netlab import Netns, TcpEchoServer, TcpPingPong, tcp_pingpong_many, veth_pair, wait_until
+
+ROUND_TRIPS = 5
+
+
+class Cycles:
+    """The agent's cycle, driven by the test: start(), then cycle() on demand."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.agent = Agent(cfg, None, {})
+        self.agent.start()
+        self.pins = Pins(cfg.pin_dir)
+        self.prev = take(self.pins)
+        self.windows: list[Window] = []
+        self.lines: list[int] = []
+
+    def cycle(self) -> Snapshot:
+        before = self.prev
+        self.prev, ok = self.agent.cycle(before)
+        assert ok
+        self.windows.append(Window(before, self.prev))
+        self.lines.append(len(Path(self.agent.cfg.textfile).read_text().splitlines()))
+        return self.prev
+
+    def close(self) -> None:
+        self.pins.close()
+        self.agent.pins.close()
+
+
+@pytest.fixture
+def cycles(make_config: Any) -> Iterator[Any]:
+    made: list[Cycles] = []
+
+    def make(**keys: Any) -> Cycles:
+        made.append(Cycles(make_config(**keys)))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def labels(snap: Snapshot) -> dict[str, int]:
+    return {label: i for i, label in snap.peers.items()}
+
+
+def expired(c: Cycles, addresses: list[str]) -> bool:
+    """One more cycle: are all these peers gone from the table?"""
+    return not set(addresses) & set(labels(c.cycle()))
+
+
+def test_churn_of_a_thousand_addresses_loses_none_to_other(cycles: Any) -> None:
+    extra = [f"10.250.{i // 200}.{i % 200 + 1}" for i in range(1050)]
+    batches = [extra[i : i + 50] for i in range(0, len(extra), 50)]
+    with Netns("a") as a, Netns("b") as b:
+        veth_pair(a, b, v6=None, extra_b=extra)
+        c = cycles(max_peers=64, peer_idle_seconds=1.0)
+        counted: dict[str, int] = {}
+        with TcpEchoServer(b, "0.0.0.0") as srv:
+            for batch in batches:
+                tcp_pingpong_many(a, [(x, srv.port) for x in batch], ROUND_TRIPS)
+                snap = c.cycle()
+                for x in batch:  # the client's sockets: one sample per round trip
+                    counted[x] = snap.node(labels(snap)[x]).rtt_count
+                wait_until(partial(expired, c, batch), 10, 0.3)
+        last = c.prev
+    # every window: the host is the sum of its peers (and `other`)
+    for w in c.windows:
+        assert w.node(HOST).rtt_count == sum(w.node(i).rtt_count for i in w.cur.peers if i)
+    print(
+        f"\nchurn: {len(extra)} addresses, {last.stats['peers_expired']} ids expired, "
+        f"overflow {last.stats['peers_overflow']}, textfile lines min/max "
+        f"{min(c.lines)}/{max(c.lines)} over {len(c.lines)} writes"
+    )
+    assert last.stats["peers_overflow"] == 0  # no address lost to `other`
+    assert last.stats["peers_expired"] >= len(extra) - len(batches[-1])  # the last: held back
+    assert set(counted.values()) == {ROUND_TRIPS}, counted  # none mixed with another
+    half = len(c.lines) // 2
+    assert max(c.lines[half:]) <= 1.1 * max(c.lines[:half])  # bounded: not growing with churn
+
+
+def test_a_reused_id_never_shows_the_old_peers_counts(cycles: Any) -> None:
+    with Netns("a") as a, Netns("b") as b:
+        veth = veth_pair(a, b, v6=None, extra_b=["10.250.9.1", "10.250.9.2"])
+        old, new = "10.250.9.1", "10.250.9.2"
+        # two ids: one for the server side's view of a, one to share
+        c = cycles(max_peers=2, peer_idle_seconds=1.0)
+        with TcpEchoServer(b, "0.0.0.0") as srv, TcpPingPong(a, [(old, srv.port)]) as conn:
+            conn.run(10)
+            first = c.cycle()
+            assert first.node(labels(first)[old]).rtt_count == 10
+            # the old connection stays open, idle: ids expire and are freed
+            wait_until(lambda: old not in labels(c.cycle()), 10, 0.3)
+            wait_until(lambda: c.cycle().stats["peers_expired"] >= 2, 10, 0.3)  # both freed
+            tcp_pingpong_many(a, [(new, srv.port)], 20)
+            snap = c.cycle()
+            reused = labels(snap)[new]
+            assert reused in {labels(first)[old], labels(first)[veth.v4_a]}  # an old peer's id
+            conn.run(30)  # the old peer talks again through its open socket
+            after = c.cycle()
+    assert after.node(reused).rtt_count == 20  # the new peer's own, nothing of the old
+    assert after.hist(reused).count == 20
+    other = labels(after)["other"]
+    assert Window(snap, after).node(other).rtt_count == 30  # the old peer, table full
+    assert veth.v4_a in labels(after)
