@@ -5,12 +5,18 @@ under one sockperf ping-pong, so every program sees the same events."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import probes
 import workload
 from bpfstats import ProgStats, prog_stats, stats_enabled
+
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.snapshot import take
 
 EMPTY_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "empty.bpf.c")
 HOOKS = ("tcp_probe", "sched_wakeup", "sched_wakeup_new", "sched_switch")
@@ -75,3 +81,53 @@ def measure(seconds: float) -> HookResult:
 
 def _cost(key: tuple[str, str], d: ProgStats) -> HookCost:
     return HookCost(key[0], key[1], d.ns_per_event, d.run_cnt)
+
+
+# -- tcp_probe: segments that carry an RTT measurement, and those that do not --------
+
+
+@dataclass(frozen=True)
+class ProbeSplit:
+    workload: str
+    ns: float | None  # tcp_probe per run
+    runs: int
+    samples: int  # RTT samples recorded (one per measurement)
+
+
+def _bulk(seconds: float) -> None:
+    """One-way bulk TCP on loopback: the receiver acknowledges nothing new."""
+    with socket.create_server((workload.HOST, 0)) as lst:
+        sender = socket.create_connection(lst.getsockname())
+        receiver, _ = lst.accept()
+        stop = threading.Event()
+        t = threading.Thread(
+            target=lambda: [receiver.recv(1 << 20) for _ in iter(stop.is_set, True)]
+        )
+        t.start()
+        chunk, end = b"\0" * (1 << 20), time.monotonic() + seconds
+        while time.monotonic() < end:
+            sender.sendall(chunk)
+        stop.set()
+        sender.close()
+        t.join()
+        receiver.close()
+
+
+def probe_split(seconds: float) -> list[ProbeSplit]:
+    """tcp_probe's cost per run under ping-pong (every segment acknowledges new
+    data: a sample each, the whole program runs) and under a one-way bulk
+    transfer (the receiver's segments return after the ack check). Before RTT
+    was taken per measurement, every run cost what a recorded one does."""
+    out = []
+    with probes.telemetry("split") as t, workload.sockperf_server() as port, Pins(t.pins) as pins:
+        prog = t.prog_ids()["tcp_probe"]
+        for name, run in (
+            ("ping-pong", lambda: workload.ping_pong(port, seconds)),
+            ("bulk one-way", lambda: _bulk(seconds)),
+        ):
+            with stats_enabled():
+                s0, n0 = prog_stats(prog), take(pins).node(0).rtt_count
+                run()
+                d, n1 = prog_stats(prog).since(s0), take(pins).node(0).rtt_count
+            out.append(ProbeSplit(name, d.ns_per_event, d.run_cnt, n1 - n0))
+    return out

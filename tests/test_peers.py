@@ -5,6 +5,9 @@ cycle (read, expire, write the textfile) runs as `run` runs it."""
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -12,10 +15,19 @@ from typing import Any
 
 import pytest
 
+from agentlab import attach, cli
 from ebpf_telemetry.agent import Agent
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
-from netlab import Netns, TcpEchoServer, TcpPingPong, tcp_pingpong_many, veth_pair, wait_until
+from netlab import (
+    Netns,
+    TcpEchoServer,
+    TcpPingPong,
+    run_in_netns,
+    tcp_pingpong_many,
+    veth_pair,
+    wait_until,
+)
 
 ROUND_TRIPS = 5
 
@@ -120,3 +132,50 @@ def test_a_reused_id_never_shows_the_old_peers_counts(cycles: Any) -> None:
     other = labels(after)["other"]
     assert Window(snap, after).node(other).rtt_count == 30  # the old peer, table full
     assert veth.v4_a in labels(after)
+    # inspect shows each automatic peer's last activity
+    r = cli("inspect", "--pin-dir", c.agent.cfg.pin_dir, "--json")
+    idle = {n["peer"]: n["idle_seconds"] for n in json.loads(r.stdout)["nodes"]}
+    assert idle[new] is not None and 0 <= idle[new] < 10, idle
+    assert idle["host"] is None
+
+
+def test_synack_retransmits_take_no_peer_id(make_config: Any) -> None:
+    """A half-open handshake from many addresses (SYN-ACKs never answered, as
+    in a spoofed SYN flood): the server's SYN-ACK retransmits come from
+    request sockets and must not fill the automatic peer table."""
+    sources = [f"10.250.20.{i}" for i in range(1, 41)]
+    drop_synack = (
+        "table inet ebt {\n chain input {\n  type filter hook input priority 0;\n"
+        "  tcp flags & (syn | ack) == syn | ack drop\n }\n}\n"
+    )
+    with Netns("a") as a, Netns("b") as b:
+        veth = veth_pair(a, b, v6=None, extra_a=sources)
+        run_in_netns(
+            a, subprocess.run, ["nft", "-f", "-"], input=drop_synack, text=True, check=True
+        )
+        with attach(make_config(max_peers=8)) as pins, TcpEchoServer(b, veth.v4_b) as srv:
+            before = take(pins)
+            socks = [run_in_netns(a, half_open, src, veth.v4_b, srv.port) for src in sources]
+            other = labels(before)["other"]
+            # each request socket retransmits its SYN-ACK after 1 s
+            wait_until(
+                lambda: Window(before, take(pins)).node(other).retrans_count >= len(sources),
+                10,
+                0.1,
+            )
+            after = take(pins)
+            for s in socks:
+                s.close()
+    peers = set(labels(after)) - {"other"}
+    print(f"\nSYN-ACK retransmits to {len(sources)} addresses; peers {sorted(peers)}")
+    assert peers <= {veth.v4_b}  # at most the client sockets' own view of b
+    assert after.stats["peers_overflow"] == before.stats["peers_overflow"]
+
+
+def half_open(src: str, dst: str, port: int) -> socket.socket:
+    """A connect() from src that never completes (its SYN-ACKs are dropped)."""
+    s = socket.socket()
+    s.bind((src, 0))
+    s.setblocking(False)
+    s.connect_ex((dst, port))
+    return s

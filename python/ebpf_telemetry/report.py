@@ -59,11 +59,18 @@ def _bar_row(s: int, c: int, top: int) -> str:
     return f"  {rng:>22} : {c:<10} |{bar:<{BAR_WIDTH}}|"
 
 
+def idle_seconds(snap: Snapshot, node: int) -> float | None:
+    """Seconds since the peer's last activity the agent noted (automatic peers)."""
+    seen = snap.seen.get(node)
+    return max(0.0, snap.wall - seen / 1e9) if seen and node in snap.peers else None
+
+
 def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
     m, h = snap.node(node), snap.hist(node)
     return {
         "node_id": node,
         "peer": node_label(snap, node),
+        "idle_seconds": idle_seconds(snap, node),
         "metrics": asdict(m),
         "rtt_p50_us": h.quantile(0.5),
         "rtt_p99_us": h.quantile(0.99),
@@ -94,7 +101,9 @@ def as_text(snap: Snapshot, only: int | None) -> str:
     for n in nodes_of(snap, only):
         m, h = snap.node(n), snap.hist(n)
         p50, p99 = h.quantile(0.5), h.quantile(0.99)
-        out.append(f"node {n} ({node_label(snap, n)})")
+        idle = idle_seconds(snap, n)
+        last = f"  last active {idle:.0f} s ago" if idle is not None else ""
+        out.append(f"node {n} ({node_label(snap, n)}){last}")
         out.append(
             f"  rtt samples {m.rtt_count}  mean {m.rtt_mean or 0:.0f} us  "
             f"p50 {p50 or 0:.0f} us  p99 {p99 or 0:.0f} us  retrans {m.retrans_count}  "
