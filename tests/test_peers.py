@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentlab import attach, cli
 from ebpf_telemetry.agent import Agent
@@ -179,3 +180,37 @@ def half_open(src: str, dst: str, port: int) -> socket.socket:
     s.setblocking(False)
     s.connect_ex((dst, port))
     return s
+
+
+def test_other_with_only_retransmits_is_exported(make_config: Any, tmp_path: Path) -> None:
+    """Connections to an address no configured peer covers, whose SYNs are
+    dropped: SYN retransmits only, counted under `other`, which is exported."""
+    drop_syn = (
+        "table inet ebt {\n chain input {\n  type filter hook input priority 0;\n"
+        "  tcp dport 9999 drop\n }\n}\n"
+    )
+    with Netns("a") as a, Netns("b") as b:
+        veth = veth_pair(a, b, v6=None, extra_b=["10.250.30.1"])
+        run_in_netns(b, subprocess.run, ["nft", "-f", "-"], input=drop_syn, text=True, check=True)
+        c = Cycles(make_config(peers={"b": [f"{veth.v4_b}/32"]}))
+        try:
+            socks = [run_in_netns(a, half_open, veth.v4_a, "10.250.30.1", 9999) for _ in range(3)]
+            wait_until(lambda: c.cycle().node(labels(c.prev)["other"]).retrans_count >= 3, 10, 0.2)
+            text = Path(c.agent.cfg.textfile).read_text()
+        finally:
+            c.close()
+            for s in socks:
+                s.close()
+    retrans = {
+        s.labels["peer"]: s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "ebpf_tcp_retransmits"
+        for s in fam.samples
+    }
+    assert retrans.get("other", 0) >= 3, retrans
+    rtt_other = [
+        x
+        for x in text.splitlines()
+        if x.startswith("ebpf_tcp_rtt_seconds_count") and 'peer="other"' in x
+    ]
+    assert rtt_other, "other is exported whole, its RTT histogram at 0"

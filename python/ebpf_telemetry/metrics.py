@@ -266,9 +266,11 @@ class TelemetryCollector(Collector):
         yield from self._agent(w)
 
     def _peers(self, w: Window) -> Iterator[tuple[int, str]]:
-        """Peers to export: every named or allocated id, `other` once used."""
+        """Peers to export: every named or allocated id, `other` once anything
+        counted there (RTT samples or retransmits alone)."""
         for node, label in sorted(w.cur.peers.items()):
-            if node != HOST and (label != "other" or w.cur.hist(node).count):
+            m = w.cur.node(node)
+            if node != HOST and (label != "other" or m.rtt_count or m.retrans_count):
                 yield node, label
 
     def _rtt(self, w: Window) -> Iterator[Metric]:
