@@ -80,7 +80,7 @@ static __always_inline void record_drop(const struct settings *s, const void *sk
 /* kfree_skb passes its drop reason since 5.17; the loader picks one of the
  * two (plan.py). Without it every drop counts as DROP_REASON_UNKNOWN. */
 SEC("tp_btf/kfree_skb")
-int BPF_PROG(kfree_skb_reason, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+int BPF_PROG(drop_reason, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
 	const struct settings *s = get_settings();
 
@@ -90,7 +90,7 @@ int BPF_PROG(kfree_skb_reason, struct sk_buff *skb, void *location, enum skb_dro
 }
 
 SEC("tp_btf/kfree_skb")
-int BPF_PROG(kfree_skb, struct sk_buff *skb, void *location)
+int BPF_PROG(drop_noreason, struct sk_buff *skb, void *location)
 {
 	const struct settings *s = get_settings();
 

@@ -54,20 +54,20 @@ static __always_inline int retrans_sk(const struct sock *sk, const struct sk_buf
  * attempts that failed and passes `err`; before, it fired only for a
  * retransmit that went out. Both count the same. */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb, int err)
+int BPF_PROG(retrans_skb_err, const struct sock *sk, const struct sk_buff *skb, int err)
 {
 	return err ? 0 : retrans_sk(sk, skb);
 }
 
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)
+int BPF_PROG(retrans_skb, const struct sock *sk, const struct sk_buff *skb)
 {
 	return retrans_sk(sk, skb);
 }
 
 /* request sockets: classified by address, never through a socket cache */
 SEC("tp_btf/tcp_retransmit_synack")
-int BPF_PROG(tcp_retransmit_synack, const struct sock *sk, const struct request_sock *req)
+int BPF_PROG(retrans_synack, const struct sock *sk, const struct request_sock *req)
 {
 	const struct settings *s = get_settings();
 	const struct sock_common *c = &req->__req_common;

@@ -91,7 +91,7 @@ int BPF_PROG(sched_wakeup, struct task_struct *p)
 }
 
 SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(sched_wakeup_new, struct task_struct *p)
+int BPF_PROG(sched_wake_new, struct task_struct *p)
 {
 	return enqueue_task(p);
 }
@@ -125,7 +125,7 @@ static __always_inline int on_switch(bool preempt, struct task_struct *prev,
  * 5.18 sched_switch passes prev's state as the scheduler saw it; before,
  * the task's own state field is read (as libbpf-tools' runqlat does). */
 SEC("tp_btf/sched_switch")
-int BPF_PROG(sched_switch_state, bool preempt, struct task_struct *prev, struct task_struct *next,
+int BPF_PROG(sched_switch_st, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
 	return on_switch(preempt, prev, next, prev_state);

@@ -79,8 +79,10 @@ def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> 
     print(f"\nretransmits: ours a->b, b->a {ours}; TcpRetransSegs {snmp}; TCPRetransFail {failed}")
     assert sum(snmp) > 10  # the loss made some
     for mine, theirs, fail in zip(ours, snmp, failed, strict=True):
-        if forced and has_err_arg():  # it counts failed attempts (-EBUSY...) too here
-            assert mine >= theirs
+        if forced and has_err_arg():
+            # a program for older kernels on this one: the tracepoint here also
+            # fires for failed attempts, which it counts too; close, not equal
+            assert abs(mine - theirs) <= max(3, 0.05 * theirs)
         else:
             # the same, but for a retransmit the device then refused: the kernel
             # counts it in RetransSegs before sending it (and in TCPRetransFail)
@@ -253,9 +255,10 @@ def test_cpu_utilization_matches_proc_stat(make_config: Any, busy: int) -> None:
     assert ours is not None and abs(ours - theirs) <= 0.05
 
 
-def pinned_spin(cpu: int, seconds: float) -> None:
+def pinned_spin(cpu: int, stop: Any) -> None:
     os.sched_setaffinity(0, {cpu})  # as `taskset -c CPU` would
-    spin(seconds)
+    while not stop.is_set():
+        pass
 
 
 @pytest.mark.matrix
@@ -265,7 +268,8 @@ def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> N
     agent restart over the same pins."""
     ctx = multiprocessing.get_context("fork")
     cpus = sorted(os.sched_getaffinity(0))
-    procs = [ctx.Process(target=pinned_spin, args=(c, 6.0)) for c in cpus]
+    stop = ctx.Event()
+    procs = [ctx.Process(target=pinned_spin, args=(c, stop)) for c in cpus]
     for p in procs:
         p.start()
     try:
@@ -279,6 +283,7 @@ def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> N
                 s1, p1 = take(pins), proc_stat()
             readings.append((Window(s0, s1).cpu_utilization, (p1[0] - p0[0]) / (p1[1] - p0[1])))
     finally:
+        stop.set()
         for p in procs:
             p.join()
     print(f"\nall CPUs busy since before attach: (ours, /proc/stat) {readings}")

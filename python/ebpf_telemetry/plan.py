@@ -96,6 +96,7 @@ OBJECT_NEEDS = (
     Feature("bpf", "batch look-ups of per-CPU arrays (the agent's reads)", "5.13"),
     Feature("map_type", "RINGBUF", "5.8"),
     Feature("map_type", "LPM_TRIE", "4.11"),
+    Feature("map_type", "QUEUE", "4.20"),  # the free automatic peer ids
     Feature("map_type", "SK_STORAGE", "5.2"),
     Feature("map_type", "TASK_STORAGE", "5.11"),
     Feature("helper", "ringbuf_query", "5.8"),
@@ -104,26 +105,27 @@ OBJECT_NEEDS = (
 SK_STORAGE_GET = Feature("helper", "sk_storage_get", "5.11")  # from tracing programs
 # the helper exists from 5.11 (LSM); tracing programs may call it from 5.13
 TASK_STORAGE_GET = Feature("helper", "task_storage_get", "5.13")
-ATOMIC_FETCH = Feature("bpf", "atomic fetch-and-add (peer ids)", "5.12")
 SOCK = "struct sock *"
 SKB = "struct sk_buff *"
 TASK = "struct task_struct *"
 TCP_RETRANSMIT = _tp("tcp_retransmit_skb", "4.16", SOCK, SKB)
 TCP_RETRANSMIT_ERR = _tp("tcp_retransmit_skb", "6.17", SOCK, SKB, "int")
-SYNACK = _same(
-    "tcp_retransmit_synack", _tp("tcp_retransmit_synack", "4.16", SOCK, "struct request_sock *")
+SYNACK = Hook(
+    "tcp_retransmit_synack",
+    "retrans_synack",
+    _tp("tcp_retransmit_synack", "4.16", SOCK, "struct request_sock *"),
 )
 KFREE_SKB = _tp("kfree_skb", "4.16", SKB, "void *")
 KFREE_SKB_REASON = _tp("kfree_skb", "5.17", SKB, "void *", "enum skb_drop_reason")
 
 WAKEUPS = (
     _same("sched_wakeup", _tp("sched_wakeup", "4.16", TASK)),
-    _same("sched_wakeup_new", _tp("sched_wakeup_new", "4.16", TASK)),
+    Hook("sched_wakeup_new", "sched_wake_new", _tp("sched_wakeup_new", "4.16", TASK)),
 )
 SWITCH = _tp("sched_switch", "4.16", "bool", TASK, TASK)
 SWITCH_STATE = Hook(
     "sched_switch",
-    "sched_switch_state",
+    "sched_switch_st",
     _tp("sched_switch", "5.18", "bool", TASK, TASK, "unsigned int"),
 )
 
@@ -134,7 +136,7 @@ COLLECTORS = (
             Variant(
                 "tp_btf",
                 (_same("tcp_probe", _tp("tcp_probe", "4.16", SOCK, SKB)),),
-                (Feature("helper", "skc_to_tcp_sock", "5.9"), SK_STORAGE_GET, ATOMIC_FETCH),
+                (Feature("helper", "skc_to_tcp_sock", "5.9"), SK_STORAGE_GET),
             ),
         ),
     ),
@@ -143,13 +145,13 @@ COLLECTORS = (
         (
             Variant(
                 "tp_btf_err",
-                (Hook("tcp_retransmit_skb", "tcp_retransmit_skb_err", TCP_RETRANSMIT_ERR), SYNACK),
-                (SK_STORAGE_GET, ATOMIC_FETCH),
+                (Hook("tcp_retransmit_skb", "retrans_skb_err", TCP_RETRANSMIT_ERR), SYNACK),
+                (SK_STORAGE_GET,),
             ),
             Variant(
                 "tp_btf",
-                (Hook("tcp_retransmit_skb", "tcp_retransmit_skb", TCP_RETRANSMIT), SYNACK),
-                (SK_STORAGE_GET, ATOMIC_FETCH),
+                (Hook("tcp_retransmit_skb", "retrans_skb", TCP_RETRANSMIT), SYNACK),
+                (SK_STORAGE_GET,),
                 "nothing: these kernels fire the tracepoint only for retransmits that went out",
             ),
         ),
@@ -157,10 +159,10 @@ COLLECTORS = (
     Collector(
         "drops",
         (
-            Variant("tp_btf_reason", (Hook("kfree_skb", "kfree_skb_reason", KFREE_SKB_REASON),)),
+            Variant("tp_btf_reason", (Hook("kfree_skb", "drop_reason", KFREE_SKB_REASON),)),
             Variant(
                 "tp_btf_noreason",
-                (Hook("kfree_skb", "kfree_skb", KFREE_SKB),),
+                (Hook("kfree_skb", "drop_noreason", KFREE_SKB),),
                 loses='the drop reason: every drop counts as reason="unknown"',
             ),
         ),
@@ -179,16 +181,6 @@ COLLECTORS = (
     ),
 )
 BY_NAME = {c.name: c for c in COLLECTORS}
-
-
-def program_name(tracepoint: str, kernel_name: str) -> str:
-    """Our name of a program the kernel shows cut to 15 characters."""
-    for c in COLLECTORS:
-        for v in c.variants:
-            for h in v.hooks:
-                if h.tracepoint == tracepoint and h.program[:15] == kernel_name:
-                    return h.program
-    return kernel_name
 
 
 @dataclass(frozen=True)

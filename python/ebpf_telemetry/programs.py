@@ -1,5 +1,6 @@
 """What the kernel says of our attached programs, found through their pinned
-links: name, tag (a hash of the instructions), runs the kernel skipped.
+links: name (ours are at most 15 characters, so the kernel shows them whole),
+tag (a hash of the instructions), runs the kernel skipped.
 
 `recursion_misses` (5.12; for tp_btf programs counted from 6.1, backported to
 stable) counts runs of a program the kernel did not make because the same

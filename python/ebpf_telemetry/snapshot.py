@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ebpf_telemetry import plan, programs
+from ebpf_telemetry import programs
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
@@ -51,10 +51,7 @@ def take(pins: Pins) -> Snapshot:
         runqlat=pins.runqlat_hist(),
         drops=pins.drops(),
         cpu=pins.cpu_time(now),
-        misses={
-            plan.program_name(tp, p.name): p.recursion_misses
-            for tp, p in programs.linked(pins.pin_dir).items()
-        },
+        misses={p.name: p.recursion_misses for p in programs.linked(pins.pin_dir).values()},
         seen=pins.seen(),
         max_peers=int(pins.settings().max_peers),
     )
