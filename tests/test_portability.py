@@ -25,6 +25,7 @@ REJECT_OBJECT = str(Path(__file__).parents[1] / "build" / "telemetry-reject.bpf.
 OLD_RETRANS = {"rtt": "tp_btf", "retrans": "tp_btf", "drops": "tp_btf_reason"}
 EXPECTED = {
     "6.1": {**OLD_RETRANS, "sched": "tp_btf_state"},
+    "6.12": {**OLD_RETRANS, "sched": "tp_btf_state"},
     "6.18": {**OLD_RETRANS, "retrans": "tp_btf_err", "sched": "tp_btf_state"},
 }
 

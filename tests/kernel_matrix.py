@@ -1,0 +1,388 @@
+"""`make test-kernels`: the kernel tests on Debian's 6.1 and 6.12 kernels and on the host.
+
+For each Debian series the newest generic `linux-image-*-amd64` package is
+fetched with `apt-get download` into build/kernels/ (extracted with
+`dpkg-deb -x`, never installed) and booted with virtme-ng under qemu, sharing
+the host's root filesystem read-only. Inside (and directly on the host) this
+same script runs with `--inside DIR`: it loads tun, mounts bpffs and tracefs,
+runs `ebpf-telemetry doctor` and the selected tests, and writes everything
+into DIR (build/kernels/results/<kernel>/, read-write in the guest). The host
+then builds one table from those files and exits 1 if any kernel did not boot,
+timed out, or had a test that did not pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "build" / "kernels"
+RESULTS = CACHE / "results"
+VENV_BIN = REPO / ".venv" / "bin"
+PY = VENV_BIN / "python"
+# series -> package name pattern; group 1 is the kernel release, group 2 orders them
+SERIES = {
+    "6.1": r"linux-image-(6\.1\.0-(\d+)-amd64)",
+    "6.12": r"linux-image-(6\.12\.(\d+)\+deb12-amd64)",
+}
+UP = "@@kernel-matrix: up"  # first line the inside run prints: the guest has booted
+KMSG = re.compile(r"\[\s*\d+\.\d+\] ")  # a kernel console line: to console.log only
+
+
+# -- inside: in the guest, or on the host ---------------------------------------
+
+
+def save(cmd: Sequence[str], out: Path) -> int:
+    """Run cmd with its stdout into the file out; return its exit code."""
+    with out.open("w") as f:
+        return subprocess.run(cmd, stdout=f, cwd=REPO).returncode
+
+
+def prepare_kernel() -> None:
+    if not Path("/dev/net/tun").exists():
+        subprocess.run(["modprobe", "tun"], check=False)
+    for fs, where in (("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")):
+        if subprocess.run(["mountpoint", "-q", where]).returncode != 0:
+            subprocess.run(["mount", "-t", fs, fs, where], check=False)
+
+
+def pytest_until(cmd: Sequence[str], deadline: float | None) -> tuple[int, bool]:
+    """Run pytest; at the deadline (epoch s) interrupt it: it still writes its junit file."""
+    env = {**os.environ, "EBPF_TELEMETRY_STRICT": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    try:
+        return proc.wait(None if deadline is None else max(deadline - time.time(), 1)), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=30), True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(), True
+
+
+def inside(results: Path, pytest_args: list[str], deadline: float | None) -> int:
+    print(UP, flush=True)
+    prepare_kernel()
+    facts: dict[str, Any] = {"kernel": platform.release()}
+    doctor = [str(PY), "-m", "ebpf_telemetry", "doctor"]
+    save(doctor, results / "doctor.txt")
+    print((results / "doctor.txt").read_text(), end="", flush=True)
+    facts["doctor_json_rc"] = save([*doctor, "--json"], results / "doctor.json")
+    if importlib.util.find_spec("ebpf_telemetry.facts") is not None:
+        save([str(PY), "-m", "ebpf_telemetry.facts"], results / "facts.json")
+    junit = f"--junitxml={results / 'junit.xml'}"
+    pytest = [str(VENV_BIN / "pytest"), *pytest_args, "-p", "no:cacheprovider", junit]
+    start = time.monotonic()
+    rc, interrupted = pytest_until(pytest, deadline)
+    facts |= {"pytest_rc": rc, "interrupted": interrupted}
+    facts["tests_s"] = round(time.monotonic() - start, 1)
+    (results / "inside.json").write_text(json.dumps(facts, indent=1) + "\n")
+    return rc
+
+
+# -- fetch: Debian's kernel packages into build/kernels/ ------------------------
+
+
+def apt_update() -> None:
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+
+
+def newest_package(pattern: str) -> tuple[str, str]:
+    """(package, release) of the newest package whose name matches pattern."""
+    for _ in range(2):
+        names = subprocess.run(
+            ["apt-cache", "pkgnames", "linux-image-"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        found = [(int(m[2]), m[0], m[1]) for n in names if (m := re.fullmatch(pattern, n))]
+        if found:
+            return max(found)[1:]
+        apt_update()
+    raise SystemExit(f"kernel_matrix: no package matches {pattern} in apt-cache")
+
+
+def download(pkg: str) -> Path:
+    debs = CACHE / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    cached = sorted(debs.glob(f"{pkg}_*.deb"))
+    if cached:
+        return cached[-1]
+    cmd = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg]
+    if subprocess.run(cmd, cwd=debs).returncode != 0:
+        apt_update()  # a stale list names a file the mirror no longer has
+        subprocess.run(cmd, cwd=debs, check=True)
+    return next(debs.glob(f"{pkg}_*.deb"))
+
+
+def fetch(series: str) -> tuple[str, Path]:
+    """The newest kernel of a series: (release, vmlinuz), its modules beside it."""
+    pkg, release = newest_package(SERIES[series])
+    root = CACHE / release
+    if not (root / ".ready").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(download(pkg)), str(root)], check=True)
+        # the .deb has no modules.dep; virtme and the guest's modprobe need it
+        subprocess.run(["depmod", "-b", str(root), release], check=True)
+        (root / ".ready").touch()
+    return release, root / "boot" / f"vmlinuz-{release}"
+
+
+# -- run: one kernel, in a VM or on the host ------------------------------------
+
+
+@dataclass
+class Run:
+    kernel: str
+    where: str  # host, kvm or tcg
+    results: Path
+    boot_s: float | None = None
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, float] | None = None  # from junit.xml
+
+
+def use_kvm() -> bool:
+    """KVM only with real VMX/SVM: the paravirtual /dev/kvm of some clouds aborts qemu."""
+    cpu = Path("/proc/cpuinfo").read_text()
+    return (
+        Path("/dev/kvm").exists() and re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpu, re.M) is not None
+    )
+
+
+def fresh_results(kernel: str) -> Path:
+    d = RESULTS / kernel
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def inside_cmd(results: Path, args: argparse.Namespace) -> list[str]:
+    """This script inside; its tests are interrupted a minute before the kernel's timeout."""
+    deadline = f"--deadline={time.time() + args.timeout - 60:.0f}"
+    script = str(Path(__file__).resolve())
+    pytest_args = f"--pytest-args={args.pytest_args}"
+    return [str(PY), "-u", script, "--inside", str(results), pytest_args, deadline]
+
+
+def stream(cmd: Sequence[str], run: Run, timeout: float, env: dict[str, str]) -> int:
+    """Run cmd in its own process group, its output to ours (prefixed) and to console.log.
+
+    Sets run.boot_s when the UP line arrives; a timeout kills the whole group.
+    Returns the exit code.
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        text=True,
+        errors="replace",
+    )
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    assert proc.stdout is not None
+    with (run.results / "console.log").open("w") as log:
+        for line in proc.stdout:
+            if line.rstrip() == UP and run.boot_s is None:
+                run.boot_s = time.monotonic() - start
+            log.write(line)
+            if not KMSG.match(line):
+                print(f"[{run.kernel}] {line}", end="", flush=True)
+    proc.wait()
+    timer.cancel()
+    if fired.is_set():
+        run.problems.append(f"timed out after {timeout:.0f} s")
+    return proc.returncode
+
+
+def run_vm(series: str, args: argparse.Namespace) -> Run:
+    try:
+        release, vmlinuz = fetch(series)
+    except subprocess.CalledProcessError as e:
+        return Run(series, "-", RESULTS / series, problems=[f"fetch failed: {e}"])
+    kvm = use_kvm()
+    run = Run(release, "kvm" if kvm else "tcg", fresh_results(release))
+    cmd = [
+        str(VENV_BIN / "vng"),
+        "--run", str(vmlinuz),
+        "--cpus", str(os.cpu_count() or 1),
+        "--memory", args.memory,
+        "--force-9p",  # no probing for virtiofsd: Debian 12's is qemu's old C one
+        "--verbose",  # the guest kernel's console too, into console.log
+        "--rwdir", str(run.results),
+        # writable in the guest, writes thrown away: the checkout, root's home
+        "--overlay-rwdir", str(REPO),
+        "--overlay-rwdir", "/root",
+        *([] if kvm else ["--disable-kvm"]),
+        "--exec", shlex.join(inside_cmd(run.results, args)),
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    rc = stream(cmd, run, args.timeout, env)
+    if run.boot_s is None and not run.problems:
+        run.problems.append(f"did not boot (vng exited {rc}, see console.log)")
+    return run
+
+
+def run_host(args: argparse.Namespace) -> Run:
+    run = Run(platform.release(), "host", fresh_results(platform.release()))
+    stream(inside_cmd(run.results, args), run, args.timeout, dict(os.environ))
+    run.boot_s = None  # no boot: UP came from a process start
+    return run
+
+
+# -- report ---------------------------------------------------------------------
+
+
+def junit_counts(path: Path) -> dict[str, float] | None:
+    if not path.exists():
+        return None
+    suites = list(ET.parse(path).getroot().iter("testsuite"))
+    keys = ("tests", "failures", "errors", "skipped", "time")
+    c = {k: sum(float(s.get(k, 0)) for s in suites) for k in keys}
+    c["passed"] = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    return c
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check(run: Run) -> None:
+    """Reads the result files into run.counts and run.problems."""
+    run.counts = counts = junit_counts(run.results / "junit.xml")
+    facts = read_json(run.results / "inside.json") or {}
+    if facts.get("interrupted"):
+        run.problems.append("tests interrupted at the deadline")
+    if counts is None:
+        if not run.problems:
+            run.problems.append(f"no junit.xml (pytest exited {facts.get('pytest_rc', '?')})")
+        return
+    for k in ("failures", "errors", "skipped"):
+        if counts[k]:
+            run.problems.append(f"{int(counts[k])} {k}")
+    if not counts["tests"]:
+        run.problems.append("no test ran")
+    if facts.get("pytest_rc", 1) != 0 and not run.problems:
+        run.problems.append(f"pytest exited {facts.get('pytest_rc', '?')}")
+
+
+def collector_cells(run: Run) -> dict[str, str]:
+    doctor = read_json(run.results / "doctor.json")
+    cols = (doctor or {}).get("collectors")
+    if not isinstance(cols, dict):
+        return {}
+    return {name: c.get("variant") or "skip" for name, c in cols.items()}
+
+
+def skip_notes(runs: Sequence[Run]) -> list[str]:
+    notes = []
+    for run in runs:
+        cols = (read_json(run.results / "doctor.json") or {}).get("collectors")
+        for name, c in (cols or {}).items():
+            if not c.get("variant"):
+                notes.append(f"  {run.kernel} {name}: {c.get('why') or '?'}")
+    return notes
+
+
+def table(runs: Sequence[Run]) -> str:
+    cells = [collector_cells(r) for r in runs]
+    collectors = list(dict.fromkeys(k for c in cells for k in c)) or ["collectors"]
+    head = ["kernel", "vm", "boot s", "tests s", "pass", "fail", "err", "skip", *collectors]
+    rows = [[*head, "result"]]
+    for run, cell in zip(runs, cells, strict=True):
+        c = run.counts
+        n = (
+            [str(int(c[k])) for k in ("passed", "failures", "errors", "skipped")]
+            if c
+            else ["-"] * 4
+        )
+        tests_s = (read_json(run.results / "inside.json") or {}).get("tests_s")
+        rows.append([
+            run.kernel,
+            run.where,
+            f"{run.boot_s:.1f}" if run.boot_s is not None else "-",
+            f"{tests_s:.1f}" if tests_s is not None else "-",
+            *n,
+            *(cell.get(k, "?") for k in collectors),
+            "; ".join(run.problems) or "ok",
+        ])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
+    ]
+    notes = skip_notes(runs)
+    return "\n".join(lines + (["collectors skipped:", *notes] if notes else []))
+
+
+# -- main -----------------------------------------------------------------------
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument(
+        "--pytest-args",
+        default="-m matrix",
+        help="test selection, one string: --pytest-args='-k rtt' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kernels", default="host,6.1,6.12", help="host and/or Debian series (%(default)s)"
+    )
+    p.add_argument("--timeout", type=float, default=600, help="seconds per kernel (%(default)s)")
+    p.add_argument("--memory", default="3G", help="guest memory (%(default)s)")
+    p.add_argument("--inside", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.inside:
+        return inside(args.inside, shlex.split(args.pytest_args), args.deadline)
+    kernels = args.kernels.split(",")
+    unknown = [k for k in kernels if k != "host" and k not in SERIES]
+    if unknown:
+        raise SystemExit(f"kernel_matrix: unknown kernel series {', '.join(unknown)}")
+    runs = [run_host(args) if k == "host" else run_vm(k, args) for k in kernels]
+    for run in runs:
+        check(run)
+    report = table(runs)
+    print("\n" + report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.txt").write_text(report + "\n")
+    return 1 if any(r.problems for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
