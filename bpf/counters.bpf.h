@@ -1,5 +1,10 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* Counting into the node-indexed per-CPU maps: plain adds, no atomics. */
+/* Counting into the node-indexed per-CPU maps: plain adds. Each slot (a
+ * histogram, a node_metrics field) is written by one program only, and the
+ * kernel never nests a program in itself on one CPU (it skips the run and
+ * counts it in recursion_misses: ebpf_bpf_misses_total), so no add can be
+ * interrupted by another to the same slot. Slots that several programs
+ * share (stats_map, retrans_count) use atomic adds. */
 #ifndef __COUNTERS_BPF_H
 #define __COUNTERS_BPF_H
 

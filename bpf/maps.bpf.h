@@ -177,12 +177,15 @@ struct {
 	__type(value, __u64);
 } task_enqueued SEC(".maps");
 
+/* stats slots are shared by programs that can interrupt each other on one
+ * CPU (tcp_probe in task context, a retransmit from a softirq timer): an
+ * atomic add (lock xadd), not a read-modify-write that a nested run would undo */
 static __always_inline void stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats_map, &idx);
 
 	if (v)
-		*v += 1;
+		__sync_fetch_and_add(v, 1);
 }
 
 /* NULL until userspace has written the peer table and settings (generation 0) */

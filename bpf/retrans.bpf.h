@@ -27,11 +27,13 @@ static __always_inline void record_retrans(const struct settings *s, __u32 node,
 {
 	struct node_metrics *m = metrics(NODE_HOST);
 
+	/* two programs write retrans_count (retrans_skb in task context can be
+	 * interrupted by retrans_synack from a timer): atomic adds */
 	if (m)
-		m->retrans_count += segs;
+		__sync_fetch_and_add(&m->retrans_count, segs);
 	m = metrics(node);
 	if (m)
-		m->retrans_count += segs;
+		__sync_fetch_and_add(&m->retrans_count, segs);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
 	emit_event(s, EVENT_RETRANS, node, segs, state);
