@@ -26,22 +26,19 @@ static __always_inline void key_from_ipv4(struct peer_key *key, __u32 addr_be)
 	__builtin_memcpy(&key->addr[12], &addr_be, 4);
 }
 
-/* automatic peers: an address folded into its subnet (auto_peer_prefix_v4/_v6) */
+/* automatic peers: an address folded into its subnet (auto_peer_prefix_v4/_v6):
+ * four ANDs with a mask userspace computed, no branch per bit (the 6.1
+ * verifier gives up on a loop over the prefix length) */
 static __always_inline void fold(const struct settings *s, struct peer_key *key)
 {
 	__u32 *w = (__u32 *)key->addr;
-	int plen, i;
+	const __u32 *m = (w[0] | w[1]) == 0 && w[2] == bpf_htonl(0xffff) ?
+				 (const __u32 *)s->auto_mask_v4 : (const __u32 *)s->auto_mask_v6;
 
-	plen = (w[0] | w[1]) == 0 && w[2] == bpf_htonl(0xffff) ? 96 + s->auto_prefix_v4
-							       : s->auto_prefix_v6;
-	if (plen >= 128)
-		return;
-	for (i = 0; i < ADDR_LEN; i++) {
-		if (plen <= 8 * i)
-			key->addr[i] = 0;
-		else if (plen < 8 * (i + 1))
-			key->addr[i] &= (__u8)(0xff << (8 * (i + 1) - plen));
-	}
+	w[0] &= m[0];
+	w[1] &= m[1];
+	w[2] &= m[2];
+	w[3] &= m[3];
 }
 
 /* a new address takes an id from the free pool; none left: `other` */

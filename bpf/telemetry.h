@@ -74,6 +74,8 @@ struct settings {
 	__u32 generation;      /* bumped when the peer table changes */
 	__u32 auto_prefix_v4;  /* automatic peers: addresses folded into subnets of */
 	__u32 auto_prefix_v6;  /* these prefix lengths (32 / 128: one per address) */
+	__u8 auto_mask_v4[ADDR_LEN]; /* the same as masks (userspace computes them): */
+	__u8 auto_mask_v6[ADDR_LEN]; /* ::ffff:a.b.c.d & mask_v4, IPv6 & mask_v6 */
 };
 
 struct peer_key {              /* LPM trie key of peer_cidr_map */

@@ -88,7 +88,7 @@ def test_churn_of_a_thousand_addresses_loses_none_to_other(cycles: Any) -> None:
         counted: dict[str, int] = {}
         with TcpEchoServer(b, "0.0.0.0") as srv:
             for batch in batches:
-                tcp_pingpong_many(a, [(x, srv.port) for x in batch], ROUND_TRIPS)
+                tcp_pingpong_many(a, [(x, srv.port) for x in batch], ROUND_TRIPS, timeout=30)
                 snap = c.cycle()
                 for x in batch:  # the client's sockets: one sample per round trip
                     counted[x] = snap.node(labels(snap)[x]).rtt_count
@@ -214,3 +214,20 @@ def test_other_with_only_retransmits_is_exported(make_config: Any, tmp_path: Pat
         if x.startswith("ebpf_tcp_rtt_seconds_count") and 'peer="other"' in x
     ]
     assert rtt_other, "other is exported whole, its RTT histogram at 0"
+
+
+@pytest.mark.matrix
+def test_addresses_fold_into_subnets(make_config: Any) -> None:
+    with Netns("a") as a, Netns("b") as b:
+        veth_pair(a, b, v6=None, extra_b=["10.250.9.1", "10.250.9.2", "10.250.10.1"])
+        with (
+            attach(make_config(auto_peer_prefix_v4=24)) as pins,
+            TcpEchoServer(b, "0.0.0.0") as srv,
+        ):
+            targets = [(x, srv.port) for x in ("10.250.9.1", "10.250.9.2", "10.250.10.1")]
+            tcp_pingpong_many(a, targets, 10)
+            snap = take(pins)
+    by = labels(snap)
+    assert snap.node(by["10.250.9.0/24"]).rtt_count == 20  # two addresses, one peer
+    assert snap.node(by["10.250.10.0/24"]).rtt_count == 10
+    assert "10.241.1.0/24" in by  # the server side's view of a, folded too

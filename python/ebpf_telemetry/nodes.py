@@ -36,6 +36,11 @@ def peer_key(net: Network) -> Any:
     return key
 
 
+def prefix_mask(bits: int) -> bytes:
+    """16 bytes with the first `bits` bits set (the kernel folds addresses with it)."""
+    return ((1 << 128) - (1 << (128 - bits))).to_bytes(16, "big")
+
+
 def addr_text(raw: bytes) -> str:
     a = ipaddress.IPv6Address(raw)
     return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
@@ -171,6 +176,8 @@ def _write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> Non
     s.generation = generation
     s.auto_prefix_v4 = cfg.auto_peer_prefix_v4
     s.auto_prefix_v6 = cfg.auto_peer_prefix_v6
+    ffi.memmove(s.auto_mask_v4, prefix_mask(96 + cfg.auto_peer_prefix_v4), 16)
+    ffi.memmove(s.auto_mask_v6, prefix_mask(cfg.auto_peer_prefix_v6), 16)
     pins["settings_map"].update(ffi.new("__u32 *", 0), s)
 
 
