@@ -44,6 +44,9 @@ SERIES = {
     "6.12": r"linux-image-(6\.12\.(\d+)\+deb12-amd64)",
 }
 UP = "@@kernel-matrix: up"  # first line the inside run prints: the guest has booted
+# pytest is interrupted this long before a kernel's timeout and then has GRACE to
+# write its junit file (a BPF load the verifier rejects takes ~30 s under TCG)
+INTERRUPT_BEFORE, GRACE = 150, 120
 KMSG = re.compile(r"\[\s*\d+\.\d+\] ")  # a kernel console line: to console.log only
 
 
@@ -59,21 +62,22 @@ def save(cmd: Sequence[str], out: Path) -> int:
 def prepare_kernel() -> None:
     if not Path("/dev/net/tun").exists():
         subprocess.run(["modprobe", "tun"], check=False)
-    for fs, where in (("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")):
+    mounts = [("bpf", "/sys/fs/bpf", ["-o", "mode=0700"]), ("tracefs", "/sys/kernel/tracing", [])]
+    for fs, where, opts in mounts:  # as `make mounts`
         if subprocess.run(["mountpoint", "-q", where]).returncode != 0:
-            subprocess.run(["mount", "-t", fs, fs, where], check=False)
+            subprocess.run(["mount", "-t", fs, *opts, fs, where], check=False)
 
 
 def pytest_until(cmd: Sequence[str], deadline: float | None) -> tuple[int, bool]:
-    """Run pytest; at the deadline (epoch s) interrupt it: it still writes its junit file."""
+    """Run pytest, interrupted at the deadline (epoch s); (exit code, interrupted)."""
     env = {**os.environ, "EBPF_TELEMETRY_STRICT": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     try:
         return proc.wait(None if deadline is None else max(deadline - time.time(), 1)), False
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # pytest still writes its junit file
         try:
-            return proc.wait(timeout=30), True
+            return proc.wait(timeout=GRACE), True
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait(), True
@@ -82,20 +86,20 @@ def pytest_until(cmd: Sequence[str], deadline: float | None) -> tuple[int, bool]
 def inside(results: Path, pytest_args: list[str], deadline: float | None) -> int:
     print(UP, flush=True)
     prepare_kernel()
-    facts: dict[str, Any] = {"kernel": platform.release()}
+    summary: dict[str, Any] = {"kernel": platform.release()}
     doctor = [str(PY), "-m", "ebpf_telemetry", "doctor"]
     save(doctor, results / "doctor.txt")
     print((results / "doctor.txt").read_text(), end="", flush=True)
-    facts["doctor_json_rc"] = save([*doctor, "--json"], results / "doctor.json")
+    summary["doctor_json_rc"] = save([*doctor, "--json"], results / "doctor.json")
     if importlib.util.find_spec("ebpf_telemetry.facts") is not None:
         save([str(PY), "-m", "ebpf_telemetry.facts"], results / "facts.json")
     junit = f"--junitxml={results / 'junit.xml'}"
     pytest = [str(VENV_BIN / "pytest"), *pytest_args, "-p", "no:cacheprovider", junit]
     start = time.monotonic()
     rc, interrupted = pytest_until(pytest, deadline)
-    facts |= {"pytest_rc": rc, "interrupted": interrupted}
-    facts["tests_s"] = round(time.monotonic() - start, 1)
-    (results / "inside.json").write_text(json.dumps(facts, indent=1) + "\n")
+    summary |= {"pytest_rc": rc, "interrupted": interrupted}
+    summary["tests_s"] = round(time.monotonic() - start, 1)
+    (results / "inside.json").write_text(json.dumps(summary, indent=1) + "\n")
     return rc
 
 
@@ -174,8 +178,8 @@ def fresh_results(kernel: str) -> Path:
 
 
 def inside_cmd(results: Path, args: argparse.Namespace) -> list[str]:
-    """This script inside; its tests are interrupted a minute before the kernel's timeout."""
-    deadline = f"--deadline={time.time() + args.timeout - 60:.0f}"
+    """This script inside, its tests interrupted INTERRUPT_BEFORE the kernel's timeout."""
+    deadline = f"--deadline={time.time() + args.timeout - INTERRUPT_BEFORE:.0f}"
     script = str(Path(__file__).resolve())
     pytest_args = f"--pytest-args={args.pytest_args}"
     return [str(PY), "-u", script, "--inside", str(results), pytest_args, deadline]
@@ -282,20 +286,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def check(run: Run) -> None:
     """Reads the result files into run.counts and run.problems."""
     run.counts = counts = junit_counts(run.results / "junit.xml")
-    facts = read_json(run.results / "inside.json") or {}
-    if facts.get("interrupted"):
+    summary = read_json(run.results / "inside.json") or {}
+    if summary.get("interrupted"):
         run.problems.append("tests interrupted at the deadline")
     if counts is None:
         if not run.problems:
-            run.problems.append(f"no junit.xml (pytest exited {facts.get('pytest_rc', '?')})")
+            run.problems.append(f"no junit.xml (pytest exited {summary.get('pytest_rc', '?')})")
         return
     for k in ("failures", "errors", "skipped"):
         if counts[k]:
             run.problems.append(f"{int(counts[k])} {k}")
     if not counts["tests"]:
         run.problems.append("no test ran")
-    if facts.get("pytest_rc", 1) != 0 and not run.problems:
-        run.problems.append(f"pytest exited {facts.get('pytest_rc', '?')}")
+    if summary.get("pytest_rc", 1) != 0 and not run.problems:
+        run.problems.append(f"pytest exited {summary.get('pytest_rc', '?')}")
 
 
 def collector_cells(run: Run) -> dict[str, str]:

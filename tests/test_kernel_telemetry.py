@@ -263,9 +263,10 @@ def test_cpu_utilization_matches_proc_stat(make_config: Any, busy: int) -> None:
     assert ours is not None and abs(ours - theirs) <= 0.05
 
 
-def pinned_spin(cpu: int, stop: Any) -> None:
+def pinned_spin(cpu: int) -> None:
+    """Spin on one CPU until terminated (no lock to check: it never sleeps)."""
     os.sched_setaffinity(0, {cpu})  # as `taskset -c CPU` would
-    while not stop.is_set():
+    while True:
         pass
 
 
@@ -276,8 +277,7 @@ def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> N
     agent restart over the same pins."""
     ctx = multiprocessing.get_context("fork")
     cpus = sorted(os.sched_getaffinity(0))
-    stop = ctx.Event()
-    procs = [ctx.Process(target=pinned_spin, args=(c, stop)) for c in cpus]
+    procs = [ctx.Process(target=pinned_spin, args=(c,)) for c in cpus]
     for p in procs:
         p.start()
     try:
@@ -291,8 +291,8 @@ def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> N
                 s1, p1 = take(pins), proc_stat()
             readings.append((Window(s0, s1).cpu_utilization, (p1[0] - p0[0]) / (p1[1] - p0[1])))
     finally:
-        stop.set()
         for p in procs:
+            p.terminate()
             p.join()
     print(f"\nall CPUs busy since before attach: (ours, /proc/stat) {readings}")
     for ours, theirs in readings:
