@@ -106,7 +106,10 @@ def test_peer_table_overflow_counts_under_other(make_config: Any) -> None:
     assert set(allocated) <= {veth.v4_a, veth.v4_b, *extra}, allocated
 
 
-@pytest.mark.matrix
+# not in the kernel matrix: the delay line is a userspace forwarder, and under
+# the matrix's emulated CPUs (TCG) its own jitter moves the path's RTT by tens
+# of percent during the test (seen: 18 ms tcp_info for a 10 ms line); the rtt
+# collector is proven there by the sample-count tests
 def test_delay_line_p50_within_10_percent(make_config: Any) -> None:
     delay = 0.005
     with Netns("a") as a, Netns("b") as b, DelayLine(a, b, delay, "10.242.0.1", "10.242.0.2"):
