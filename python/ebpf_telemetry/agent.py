@@ -126,7 +126,7 @@ class Agent:
         cur = take(self.pins)
         window = Window(prev, cur)
         self.collector.update(window, time.perf_counter() - t0)
-        nodes.expire(self.pins, self.cfg, window.active(), time.time_ns())
+        nodes.expire(self.pins, self.cfg, window.active(), cur.seen, time.time_ns())
         try:
             exporter.write_textfile(self.cfg.textfile, self.registry)
             self.writes += 1

@@ -142,7 +142,7 @@ METRICS = _defs(
         "ebpf_peers_max",
         "gauge",
         ("node",),
-        "Peer ids there are (max_peers); beyond them traffic counts under peer=\"other\".",
+        'Peer ids there are (max_peers); beyond them traffic counts under peer="other".',
         "settings_map.max_peers",
     ),
     MetricDef(

@@ -54,9 +54,10 @@ def auto_label(raw: bytes, prefix_v4: int, prefix_v6: int) -> str:
     return str(a) + (f"/{prefix_v6}" if prefix_v6 < 128 else "")
 
 
-def peer_names(pins: Pins) -> dict[int, str]:
-    """node id -> peer label, for every id in use (retiring ids have none)."""
-    s = pins.settings()
+def peer_names(pins: Pins, s: Any = None) -> dict[int, str]:
+    """node id -> peer label, for every id in use (retiring ids have none);
+    s: the settings, if the caller has read them already."""
+    s = s if s is not None else pins.settings()
     m = pins["peer_info_map"]
     n, vals = m.array_rows()
     names: dict[int, str] = {}
@@ -184,9 +185,10 @@ def _write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> Non
 # -- automatic peers that come and go ---------------------------------------------------
 
 
-def expire(pins: Pins, cfg: Config, active: set[int], now_ns: int) -> int:
+def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now_ns: int) -> int:
     """One step of the automatic peers' life, each agent cycle; `active`:
-    the ids whose counters moved in the last interval. Returns ids retired.
+    the ids whose counters moved in the last interval, `seen`: peer_seen_map
+    as the cycle's snapshot read it. Returns ids retired.
 
     - an id in use notes its last activity (peer_seen_map);
     - an id idle for peer_idle_seconds is retired: its address leaves the
@@ -199,16 +201,15 @@ def expire(pins: Pins, cfg: Config, active: set[int], now_ns: int) -> int:
         return 0
     info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
     _, infos = info_map.array_rows()
-    _, seen = seen_map.array_rows()
     idle_ns, grace_ns = int(cfg.peer_idle_seconds * 1e9), int(GRACE_SECONDS * 1e9)
     retire, free = [], []
     for i in range(1, cfg.max_peers + 1):
-        flags = infos[i].flags
-        if flags & lib.PEER_AUTO and (i in active or not seen[i]):
+        flags, last = infos[i].flags, seen.get(i, 0)
+        if flags & lib.PEER_AUTO and (i in active or not last):
             seen_map.update(ffi.new("__u32 *", i), ffi.new("__u64 *", now_ns))
-        elif flags & lib.PEER_AUTO and now_ns - seen[i] >= idle_ns:
+        elif flags & lib.PEER_AUTO and now_ns - last >= idle_ns:
             retire.append(i)
-        elif flags & lib.PEER_RETIRING and now_ns - seen[i] >= grace_ns:
+        elif flags & lib.PEER_RETIRING and now_ns - last >= grace_ns:
             free.append(i)
     if retire:
         _retire(pins, cfg, retire, now_ns)

@@ -40,6 +40,7 @@ class Snapshot:
 
 def take(pins: Pins) -> Snapshot:
     hists, metrics = pins.node_rows()
+    settings = pins.settings()
     now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
     return Snapshot(
         monotonic=now / 1e9,
@@ -47,13 +48,13 @@ def take(pins: Pins) -> Snapshot:
         hists=hists,
         metrics=metrics,
         stats=pins.stats(),
-        peers=peer_names(pins),
+        peers=peer_names(pins, settings),
         runqlat=pins.runqlat_hist(),
         drops=pins.drops(),
         cpu=pins.cpu_time(now),
         misses={p.name: p.recursion_misses for p in programs.linked(pins.pin_dir).values()},
         seen=pins.seen(),
-        max_peers=int(pins.settings().max_peers),
+        max_peers=int(settings.max_peers),
     )
 
 
