@@ -251,4 +251,7 @@ def test_run_over_another_builds_pins_upgrades_in_place(
     changed = {tp for tp in new_tags if new_tags[tp] != old_tags.get(tp)}
     assert changed >= {"tcp_probe", "tcp_retransmit_skb", "kfree_skb", "sched_switch"}
     assert after.node(node).rtt_count >= before.node(node).rtt_count  # no reset
-    assert done[0] >= 10 and abs(counted - done[0]) <= 2
+    # nothing lost; while old and new programs are both attached (between the
+    # new link and the rename: microseconds here, longer under TCG: +3 of 2660
+    # seen) an event can count twice
+    assert done[0] >= 10 and 0 <= counted - done[0] <= max(5, done[0] // 100)
