@@ -18,7 +18,7 @@ import workload
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ebpf_telemetry import exporter
-from ebpf_telemetry.config import RESERVED_PEER
+from ebpf_telemetry.config import RESERVED_PEER, Config
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.snapshot import Snapshot, Window, take
@@ -87,7 +87,7 @@ def cycles(counts: tuple[int, ...], n: int) -> list[CycleResult]:
         workload.peers(1) as conns,
         Pins(t.pins) as pins,
     ):
-        collector = TelemetryCollector("bench")
+        collector = TelemetryCollector(Config(node_name="bench"))
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
         path = os.path.join(tmp, "ebpf_telemetry.prom")

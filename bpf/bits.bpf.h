@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * The histogram bucket scheme "log2x4", shared with
+ * The histogram bucket scheme "log2x8", shared with
  * python/ebpf_telemetry/histogram.py (tests check both give the same slots):
- *   slot(v) = v                                for v < 4
- *   slot(v) = 4*e - 8 + (v >> (e - 2))         e = floor(log2 v), v >= 4
- * Each power of two [2^e, 2^(e+1)) is cut into 4 equal sub-buckets, so a
- * bucket is at most 25% of its lower bound wide. Values are microseconds;
- * slot 123 ends at 2^32 us (71 min); anything larger lands in the last slot.
+ *   slot(v) = v                                for v < 8
+ *   slot(v) = 8*e - 24 + (v >> (e - 3))        e = floor(log2 v), v >= 8
+ * Each power of two [2^e, 2^(e+1)) is cut into 8 equal sub-buckets, so a
+ * bucket is at most 12.5% of its lower bound wide. Values are microseconds;
+ * slot 239 ends at 2^32 us (71 min); anything larger lands in the last slot.
  */
 #ifndef __BITS_BPF_H
 #define __BITS_BPF_H

@@ -4,7 +4,8 @@
  * kernel never nests a program in itself on one CPU (it skips the run and
  * counts it in recursion_misses: ebpf_bpf_misses_total), so no add can be
  * interrupted by another to the same slot. Slots that several programs
- * share (stats_map, retrans_count) use atomic adds. */
+ * share (stats_map, retrans_count) use atomic adds, as do the rows all CPUs
+ * share (rtt_hist_map's peers). */
 #ifndef __COUNTERS_BPF_H
 #define __COUNTERS_BPF_H
 
@@ -19,6 +20,37 @@ static __always_inline void hist_add(void *map, __u32 idx, __u32 slot)
 	barrier_var(slot);
 	if (h && slot < MAX_SLOTS)
 		h->slots[slot] += 1;
+}
+
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
+/* as libbpf-tools' maps.bpf.h: the value for key, created from init if absent
+ * (two CPUs creating it at once: one wins, both get the same value) */
+static __always_inline void *bpf_map_lookup_or_try_init(void *map, const void *key,
+							const void *init)
+{
+	void *val;
+	long err;
+
+	val = bpf_map_lookup_elem(map, key);
+	if (val)
+		return val;
+	err = bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	if (err && err != -EEXIST)
+		return 0;
+	return bpf_map_lookup_elem(map, key);
+}
+
+/* the same into a row all CPUs share */
+static __always_inline void hist_add_shared(void *map, __u32 idx, __u32 slot)
+{
+	struct hist *h = bpf_map_lookup_elem(map, &idx);
+
+	barrier_var(slot);
+	if (h && slot < MAX_SLOTS)
+		__sync_fetch_and_add(&h->slots[slot], 1);
 }
 
 static __always_inline struct node_metrics *metrics(__u32 node)

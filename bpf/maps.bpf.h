@@ -13,13 +13,26 @@
 
 #define DEFAULT_NODES 257      /* max_peers 255 + host + other */
 
+/* RTT per peer: one row per node id shared by all CPUs (atomic adds), as
+ * per-CPU rows would cost max_peers x 2 KiB per CPU (128 MiB at 256 CPUs);
+ * node 0's row stays empty: the host's histogram is rtt_host_hist_map */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DEFAULT_NODES);
 	__type(key, __u32);
 	__type(value, struct hist);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } rtt_hist_map SEC(".maps");
+
+/* RTT of node 0 (every sample of the host): per-CPU, plain adds, as every
+ * CPU adds to it */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hist);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rtt_host_hist_map SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -38,7 +51,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } runqlat_hist_map SEC(".maps");
 
-/* packet drops by enum skb_drop_reason value */
+/* packet drops by enum skb_drop_reason value (the core reasons, < 1024) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_DROP_REASONS);
@@ -46,6 +59,16 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } drop_reasons_map SEC(".maps");
+
+/* packet drops of subsystem reasons ((subsystem << 16) | code, 6.4+:
+ * mac80211, openvswitch, ...), by their full value */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_SUBSYS_DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} drop_subsys_map SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -25,8 +25,9 @@ static __always_inline void record_rtt(const struct settings *s, __u32 node, __u
 	__u32 slot = value_to_slot(us);
 	__u64 ts;
 
-	hist_add(&rtt_hist_map, NODE_HOST, slot);
-	hist_add(&rtt_hist_map, node, slot);
+	hist_add(&rtt_host_hist_map, 0, slot);
+	if (node != NODE_HOST)
+		hist_add_shared(&rtt_hist_map, node, slot);
 	metrics_add_rtt(host, us);
 	metrics_add_rtt(peer, us);
 	if (overflow)

@@ -10,13 +10,14 @@
 #define __TELEMETRY_H
 
 /* SHARED BEGIN */
-#define MAX_SLOTS 128          /* histogram slots, see bits.bpf.h */
-#define SUB_BUCKET_BITS 2      /* 4 sub-buckets per power of two */
+#define MAX_SLOTS 256          /* histogram slots, see bits.bpf.h */
+#define SUB_BUCKET_BITS 3      /* 8 sub-buckets per power of two */
 #define NODE_HOST 0            /* node 0: this host, aggregates everything */
 #define MAX_PEERS_LIMIT 4094   /* hard ceiling for max_peers */
 #define PEER_NAME_LEN 60
 #define ADDR_LEN 16            /* IPv6, or IPv4 mapped as ::ffff:a.b.c.d */
-#define MAX_DROP_REASONS 1024  /* drop_reasons_map index; subsystem reasons share the last */
+#define MAX_DROP_REASONS 1024  /* drop_reasons_map index: enum skb_drop_reason (core) */
+#define MAX_SUBSYS_DROP_REASONS 512 /* drop_subsys_map: reasons >= MAX_DROP_REASONS (6.4+) */
 #define DROP_REASON_UNKNOWN 1022 /* kernels whose kfree_skb passes no reason (< 5.17) */
 #define CPU_UTIL_PERIOD_NS 100000000
 #define CPU_UTIL_SCALE 10000   /* node_metrics.cpu_util: basis points of one CPU */

@@ -1,4 +1,4 @@
-"""The log2x4 scheme: properties in Python, and the kernel's slots equal Python's."""
+"""The log2x8 scheme: properties in Python, and the kernel's slots equal Python's."""
 
 from __future__ import annotations
 
@@ -44,16 +44,47 @@ def test_powers_of_two_are_slot_boundaries() -> None:
     slots = [0] * h.MAX_SLOTS
     for v in (1, 3, 5, 1000, 1023, 1024, 70_000):
         slots[h.value_to_slot(v)] += 1
-    cum = dict(h.cumulative_at_powers_of_two(slots))
+    cuts = h.edge_slots("pow2", 0, 1e9)
+    cum = dict(zip((h.slot_lower(s) for s in cuts), h.cumulative(slots, cuts), strict=True))
     assert cum[1] == 0 and cum[2] == 1 and cum[4] == 2 and cum[8] == 3
     assert cum[1024] == 5 and cum[2048] == 6 and cum[1 << 17] == 7
 
 
+@pytest.mark.parametrize(
+    ("scheme", "mantissas"),
+    [("pow2", {1.0}), ("pow2x2", {1.0, 1.5}), ("all", {1 + i / 8 for i in range(8)})],
+)
+def test_edge_schemes_are_their_mantissas_times_powers_of_two(
+    scheme: str, mantissas: set[float]
+) -> None:
+    """Every edge is a slot boundary (so counts are exact) of the scheme's form,
+    and none of that form in the range is missing."""
+    cuts = h.edge_slots(scheme, 8e-6, 1.0)
+    edges = [h.slot_lower(s) for s in cuts]
+    want = sorted(
+        int(m * (1 << k)) for k in range(3, 21) for m in mantissas if 8 <= m * (1 << k) <= 1e6
+    )
+    assert edges == want
+    assert all(h.value_to_slot(e) == s for e, s in zip(edges, cuts, strict=True))
+    assert len(cuts) == len(mantissas) * 17  # 8 us .. 2^19 us (0.52 s): 17 powers of two
+
+
+@given(st.lists(U33, max_size=100), st.sampled_from(h.EDGE_SCHEMES))
+def test_cumulative_counts_are_exact_at_every_edge(values: list[int], scheme: str) -> None:
+    slots = [0] * h.MAX_SLOTS
+    for v in values:
+        slots[h.value_to_slot(v)] += 1
+    cuts = h.edge_slots(scheme, 0, 1e9)
+    for s, c in zip(cuts, h.cumulative(slots, cuts), strict=True):
+        assert c == sum(v < h.slot_lower(s) for v in values)
+
+
 def test_quantile_interpolates_inside_the_bucket() -> None:
     slots = [0] * h.MAX_SLOTS
-    s = h.value_to_slot(1000)  # [896, 1024)
+    s = h.value_to_slot(1000)  # [960, 1024)
+    assert (h.slot_lower(s), h.slot_upper(s)) == (960, 1024)
     slots[s] = 100
-    assert h.quantile(slots, 0.5) == pytest.approx(960)
+    assert h.quantile(slots, 0.5) == pytest.approx(992)
     assert h.quantile(slots, 0.5, mean=1010.0) == pytest.approx(1010, abs=1)  # one bucket: the mean
     assert h.quantile([0] * h.MAX_SLOTS, 0.5) is None
     slots[h.value_to_slot(2000)] = 100  # a mean that cannot be: clamped to the bucket

@@ -21,7 +21,7 @@ from agentlab import EventDrain, attach, cli, peer_id
 from ebpf_telemetry import btf, facts, loader
 from ebpf_telemetry.events import Lease
 from ebpf_telemetry.maps import Pins
-from ebpf_telemetry.snapshot import Window, take
+from ebpf_telemetry.snapshot import HOST, Window, take
 from netlab import (
     DelayLine,
     Netns,
@@ -116,8 +116,16 @@ def drop_lab(make_config: Any) -> Iterator[tuple[Netns, Netns, Any, Pins]]:
 
 
 def drops_by_name(pins: Pins) -> dict[str, int]:
-    names = btf.drop_reasons()
-    return {names[r]: c for r, c in pins.drops().items()}
+    return btf.drops_by_name(pins.drops())
+
+
+# Drops count for the whole host (no per-peer attribution): a drop elsewhere
+# on the machine in the same second (a stray broadcast) can add to a reason.
+NOISE = 3
+
+
+def drop_delta(pins: Pins, d0: dict[str, int], reason: str) -> int:
+    return drops_by_name(pins).get(reason, 0) - d0.get(reason, 0)
 
 
 @pytest.mark.matrix
@@ -125,19 +133,11 @@ def test_drops_no_socket(drop_lab: Any) -> None:
     a, _, veth, pins = drop_lab
     before, d0 = take(pins), drops_by_name(pins)
     udp_send(a, veth.v4_b, 9, 37)  # nothing listens on udp/9 in b
-
-    def counted() -> bool:
-        return (
-            take(pins).node(peer_id(before, "a")).drop_count
-            - before.node(peer_id(before, "a")).drop_count
-            >= 37
-        )
-
-    wait_until(counted, timeout=5)
-    after, d1 = take(pins), drops_by_name(pins)
-    node = peer_id(after, "a")
-    assert after.node(node).drop_count - before.node(node).drop_count == 37
-    assert d1.get("NO_SOCKET", 0) - d0.get("NO_SOCKET", 0) >= 37
+    wait_until(lambda: drop_delta(pins, d0, "NO_SOCKET") >= 37, timeout=5)
+    after = take(pins)
+    assert 37 <= drop_delta(pins, d0, "NO_SOCKET") <= 37 + NOISE
+    host = after.node(HOST).drop_count - before.node(HOST).drop_count
+    assert host >= 37 and host == sum(after.drops.values()) - sum(before.drops.values())
 
 
 def test_drops_netfilter(drop_lab: Any) -> None:
@@ -147,13 +147,10 @@ def test_drops_netfilter(drop_lab: Any) -> None:
         "  udp dport 4444 drop\n }\n}\n"
     )
     run_in_netns(b, subprocess.run, ["nft", "-f", "-"], input=rules, text=True, check=True)
-    before, d0 = take(pins), drops_by_name(pins)
+    d0 = drops_by_name(pins)
     udp_send(a, veth.v4_b, 4444, 23)
-    node = peer_id(before, "a")
-    wait_until(lambda: take(pins).node(node).drop_count - before.node(node).drop_count >= 23, 5)
-    after, d1 = take(pins), drops_by_name(pins)
-    assert after.node(node).drop_count - before.node(node).drop_count == 23
-    assert d1.get("NETFILTER_DROP", 0) - d0.get("NETFILTER_DROP", 0) >= 23
+    wait_until(lambda: drop_delta(pins, d0, "NETFILTER_DROP") >= 23, 5)
+    assert 23 <= drop_delta(pins, d0, "NETFILTER_DROP") <= 23 + NOISE
 
 
 def test_drop_reason_names_come_from_kernel_btf() -> None:
@@ -161,6 +158,27 @@ def test_drop_reason_names_come_from_kernel_btf() -> None:
     assert names[0] == "NOT_DROPPED_YET"
     assert "NO_SOCKET" in names.values() and "NETFILTER_DROP" in names.values()
     assert len(names) > 50
+
+
+@pytest.mark.matrix
+def test_subsystem_drop_reasons_are_named_from_btf() -> None:
+    """Reasons of subsystems ((subsystem << 16) | code, 6.4+) take the name of
+    the subsystem's own enum member, from its module's BTF once loaded, else
+    SUBSYSTEM_code; never a bare number. (No subsystem drop can be caused
+    here: the names are checked, the counting path by the kernel build.)"""
+    code = 1  # OVS_DROP_LAST_ACTION since 6.4
+    loaded = subprocess.run(["modprobe", "-q", "openvswitch"], check=False).returncode == 0
+    with btf.vmlinux() as base:
+        subsystems = btf.enum_values(base, "skb_drop_reason_subsys")
+    ovs = {v for v, n in subsystems.items() if n == "SKB_DROP_REASON_SUBSYS_OPENVSWITCH"}
+    if not ovs:  # before 6.4: no subsystems; such a value is only ever a number
+        assert btf.drop_reason_name((5 << 16) | code) == f"SUBSYS_5_{code}"
+        return
+    value = (ovs.pop() << 16) | code
+    ovs_btf = os.path.exists("/sys/kernel/btf/openvswitch")
+    print(f"\nopenvswitch module loaded: {loaded}, its BTF: {ovs_btf}")
+    name = btf.drop_reason_name(value)
+    assert name == ("OVS_DROP_LAST_ACTION" if ovs_btf else f"OPENVSWITCH_{code}")
 
 
 # -- scheduler ------------------------------------------------------------------------
@@ -367,15 +385,13 @@ def test_drops_without_reason_count_as_unknown(make_config: Any) -> None:
         assert state["drops"] == "tp_btf_noreason"
         with Pins(cfg.pin_dir) as pins:
             before = take(pins)
-            node = peer_id(before, "a")
             udp_send(a, veth.v4_b, 9, 11)  # no socket on port 9: 11 drops
             wait_until(
-                lambda: take(pins).node(node).drop_count - before.node(node).drop_count >= 11, 5
+                lambda: take(pins).node(HOST).drop_count - before.node(HOST).drop_count >= 11, 5
             )
             after = take(pins)
-    assert Window(before, after).node(node).drop_count == 11
-    names = btf.drop_reasons()
-    assert {names[r] for r in after.drops} == {"unknown"}
+    assert 11 <= Window(before, after).node(HOST).drop_count <= 11 + NOISE
+    assert set(btf.drops_by_name(after.drops)) == {"unknown"}
 
 
 def test_no_consumer_sends_and_loses_nothing(make_config: Any) -> None:

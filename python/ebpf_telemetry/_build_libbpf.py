@@ -160,6 +160,7 @@ int libbpf_strerror(int err, char *buf, size_t size);
 
 struct btf *btf__load_vmlinux_btf(void);
 struct btf *btf__load_from_kernel_by_id(__u32 id);
+struct btf *btf__parse_split(const char *path, struct btf *base_btf);
 void btf__free(struct btf *btf);
 __u32 btf__type_cnt(const struct btf *btf);
 const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);

@@ -72,7 +72,7 @@ class Agent:
         self.config_path = config_path
         self.overrides = overrides
         self.signals = Signals()
-        self.collector = TelemetryCollector(cfg.node_name)
+        self.collector = TelemetryCollector(cfg)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
@@ -155,5 +155,5 @@ class Agent:
             log.error("config not reloaded; keeping the old one", error=str(e))
             return
         self.cfg = new
-        self.collector.node_name = new.node_name
+        self.collector.configure(new)
         log.info("config reloaded", peers=len(new.peers))

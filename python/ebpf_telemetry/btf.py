@@ -1,12 +1,16 @@
 """What the running kernel's BTF says: tracepoint arguments, enum names.
 
 Drop reason names are read from `enum skb_drop_reason` here, never from a
-table of ours: numbers and names differ between kernel versions.
+table of ours: numbers and names differ between kernel versions. Reasons of
+subsystems (6.4+: `(subsystem << 16) | code`) are named by the subsystem's own
+`enum *_drop_reason` (mac80211's, openvswitch's), found in the BTF of
+vmlinux or of the module that defines it.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +23,8 @@ BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 4, 5
 BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO, BTF_KIND_ENUM64 = 6, 8, 13, 19
 _MODIFIERS = (9, 10, 11, 18)  # volatile, const, restrict, type tag: not part of a name
 DROP_REASON_PREFIXES = ("SKB_DROP_REASON_", "SKB_")  # SKB_NOT_DROPPED_YET, SKB_CONSUMED
+SUBSYS_SHIFT = 16  # SKB_DROP_REASON_SUBSYS_SHIFT
+SUBSYS_PREFIX = "SKB_DROP_REASON_SUBSYS_"
 
 
 def btf_path() -> str:
@@ -107,6 +113,67 @@ def drop_reasons() -> dict[int, str]:
     with vmlinux() as btf:
         names = {v: _strip_prefix(n) for v, n in enum_values(btf, "skb_drop_reason").items()}
     return {**names, lib.DROP_REASON_UNKNOWN: "unknown"}
+
+
+def drops_by_name(counts: dict[int, int]) -> dict[str, int]:
+    """reason value -> count, as label -> count (in value order; two values
+    that share a name share its count)."""
+    out: dict[str, int] = {}
+    for value, count in sorted(counts.items()):
+        name = drop_reason_name(value)
+        out[name] = out.get(name, 0) + count
+    return out
+
+
+def drop_reason_name(value: int) -> str:
+    """The label of a drop reason value: its enum name without prefix."""
+    name = drop_reasons().get(value)
+    if name is not None:
+        return name
+    return _subsys_reason_name(value) if value >> SUBSYS_SHIFT else str(value)
+
+
+@functools.cache
+def _subsys_reason_name(value: int) -> str:
+    """A subsystem's drop reason: the member of an `enum *_drop_reason` (other
+    than skb_drop_reason) with this value, in vmlinux or a module's BTF; else
+    SUBSYSTEM_code, the subsystem named by enum skb_drop_reason_subsys."""
+    with vmlinux() as base:
+        found = _drop_enum_member(base, value, 1)
+        for path in sorted(glob.glob(os.path.join(os.path.dirname(BTF_VMLINUX), "*"))):
+            if found is not None:
+                break
+            if os.path.basename(path) == "vmlinux":
+                continue
+            mod = lib.btf__parse_split(path.encode(), base)
+            if mod == ffi.NULL:
+                continue
+            try:
+                found = _drop_enum_member(mod, value, lib.btf__type_cnt(base))
+            finally:
+                lib.btf__free(mod)
+        subsys = enum_values(base, "skb_drop_reason_subsys").get(value >> SUBSYS_SHIFT)
+    if found is not None:
+        return found
+    what = subsys.removeprefix(SUBSYS_PREFIX) if subsys else f"SUBSYS_{value >> SUBSYS_SHIFT}"
+    return f"{what}_{value & ((1 << SUBSYS_SHIFT) - 1)}"
+
+
+def _drop_enum_member(btf: Any, value: int, first: int) -> str | None:
+    """The member with this value of an enum named *_drop_reason among btf's
+    types from id `first` on (a module's own types follow vmlinux's)."""
+    for tid in range(first, lib.btf__type_cnt(btf)):
+        t = lib.btf__type_by_id(btf, tid)
+        if _kind(t) != BTF_KIND_ENUM:
+            continue
+        name = _name(btf, t)
+        if not name.endswith("_drop_reason") or name == "skb_drop_reason":
+            continue
+        members = ffi.cast("struct btf_enum *", t + 1)
+        for i in range(t.info & 0xFFFF):
+            if members[i].val & 0xFFFFFFFF == value:
+                return str(ffi.string(lib.btf__name_by_offset(btf, members[i].name_off)).decode())
+    return None
 
 
 def _strip_prefix(name: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 from ebpf_telemetry.binding import TelemetryError, lib
+from ebpf_telemetry.histogram import EDGE_SCHEMES, edge_slots
 from ebpf_telemetry.maps import DEFAULT_PIN_DIR
 
 DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/ebpf_telemetry.prom"
@@ -38,6 +39,10 @@ class Config:
     peer_idle_seconds: float = 900.0
     auto_peer_prefix_v4: int = 32
     auto_peer_prefix_v6: int = 128
+    # per-peer ebpf_tcp_rtt_seconds: which kernel bucket edges, in what range
+    # (docs/metrics.md, "Buckets": lines per peer against PromQL accuracy)
+    rtt_buckets: str = "pow2x2"
+    rtt_bucket_range_seconds: tuple[float, float] = (0.00005, 0.5)
     debug_trace: bool = False
     peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
 
@@ -57,6 +62,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "peer_idle_seconds": (int, float),
     "auto_peer_prefix_v4": (int,),
     "auto_peer_prefix_v6": (int,),
+    "rtt_buckets": (str,),
+    "rtt_bucket_range_seconds": (list,),
     "debug_trace": (bool,),
     "peers": (dict,),
 }
@@ -111,6 +118,13 @@ def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...
     return peers
 
 
+def parse_range(raw: list[Any], where: str) -> tuple[float, float]:
+    ok = len(raw) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in raw)
+    if not ok:
+        raise ConfigError(f"{where}: rtt_bucket_range_seconds must be [low, high], two numbers")
+    return float(raw[0]), float(raw[1])
+
+
 def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -> Config:
     cfg = base or Config()
     values: dict[str, Any] = {}
@@ -124,7 +138,11 @@ def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -
         if (isinstance(val, bool) and bool not in want) or not isinstance(val, want):
             names = " or ".join(t.__name__ for t in want)
             raise ConfigError(f"{where}: {key} must be {names}, not {type(val).__name__}")
-        values[key] = parse_peers(cast(dict[str, Any], val), where) if key == "peers" else val
+        if key == "peers":
+            val = parse_peers(cast(dict[str, Any], val), where)
+        elif key == "rtt_bucket_range_seconds":
+            val = parse_range(cast(list[Any], val), where)
+        values[key] = val
     cfg = replace(cfg, **values)
     validate(cfg, where)
     return cfg
@@ -152,6 +170,15 @@ def validate(cfg: Config, where: str) -> None:
     for key, top in (("auto_peer_prefix_v4", 32), ("auto_peer_prefix_v6", 128)):
         if not 0 <= getattr(cfg, key) <= top:
             raise ConfigError(f"{where}: {key} must be 0..{top}")
+    if cfg.rtt_buckets not in EDGE_SCHEMES:
+        raise ConfigError(f"{where}: rtt_buckets must be one of {', '.join(EDGE_SCHEMES)}")
+    low, high = cfg.rtt_bucket_range_seconds
+    if not (math.isfinite(high) and 0 <= low < high):
+        raise ConfigError(f"{where}: rtt_bucket_range_seconds must be [low, high], 0 <= low < high")
+    if not edge_slots(cfg.rtt_buckets, low, high):
+        raise ConfigError(
+            f"{where}: rtt_bucket_range_seconds [{low:g}, {high:g}] holds no {cfg.rtt_buckets} edge"
+        )
     if len(cfg.peers) > cfg.max_peers:
         raise ConfigError(f"{where}: {len(cfg.peers)} peers configured, max_peers {cfg.max_peers}")
     if not cfg.node_name:

@@ -1,14 +1,23 @@
-"""The "log2x4" bucket scheme and quantiles: the Python twin of bpf/bits.bpf.h.
+"""The "log2x8" bucket scheme and quantiles: the Python twin of bpf/bits.bpf.h.
 
-Values are integer microseconds. Slot of v: v itself below 4, else with
-e = floor(log2 v), slot = 4e - 8 + (v >> (e - 2)): every power of two is cut
-into 4 equal sub-buckets (width <= 25% of the lower bound). MAX_SLOTS = 128
-slots; slot 123 ends at 2^32 us (71 minutes); larger values share the last.
+Values are integer microseconds. Slot of v: v itself below 8, else with
+e = floor(log2 v), slot = 8e - 24 + (v >> (e - 3)): every power of two is cut
+into 8 equal sub-buckets (width <= 12.5% of the lower bound). MAX_SLOTS = 256
+slots; slot 239 ends at 2^32 us (71 minutes); larger values share the last.
 
 Slot s holds the integers [lower(s), upper(s)); since the kernel truncates
 (srtt_us >> 3), a value in slot s means a true value in the same half-open
-interval. Prometheus `le` bounds are taken at powers of two of microseconds,
-which are slot boundaries, so the exported cumulative counts are exact.
+interval. Every exported Prometheus `le` is a slot's lower bound, so each
+cumulative count is exact (the samples below that bound) and `le` a true
+upper bound of what it counts. Which boundaries are exported is a named edge
+scheme (`edge_slots`):
+
+- `pow2`:   2^k us                  (1 per power of two; le 1, 2, 4, 8, ...)
+- `pow2x2`: {1, 1.5} x 2^k us       (2 per power of two; 1, 1.5, 2, 3, 4, 6, 8, ...)
+- `all`:    (1 + i/8) x 2^k us, every slot boundary (8 per power of two)
+
+each limited to a range [low, high] of seconds; the counts below the lowest
+edge and above the highest stay exact in the first bucket and in +Inf.
 """
 
 from __future__ import annotations
@@ -21,10 +30,9 @@ from ebpf_telemetry.binding import lib
 MAX_SLOTS: int = lib.MAX_SLOTS
 SUB_BITS: int = lib.SUB_BUCKET_BITS
 SUB = 1 << SUB_BITS
-SCHEME = "log2x4"
+SCHEME = "log2x8"
 
-# Prometheus `le` for exported histograms: 2^0 .. 2^26 microseconds (1 us .. 67 s)
-LE_EXPONENTS = range(27)
+EDGE_SCHEMES = ("pow2", "pow2x2", "all")
 
 
 def value_to_slot(v: int) -> int:
@@ -39,7 +47,7 @@ def slot_lower(s: int) -> int:
     """Smallest integer value that lands in slot s."""
     if s < SUB:
         return s
-    e = (s >> SUB_BITS) + 1
+    e = (s >> SUB_BITS) + SUB_BITS - 1  # slot = (e - SUB_BITS + 1) * SUB + mantissa
     m = s & (SUB - 1)
     return (SUB + m) << (e - SUB_BITS)
 
@@ -49,14 +57,33 @@ def slot_upper(s: int) -> int:
     return slot_lower(s + 1)
 
 
-# first slot of each power of two 2^k: the cut points of the exported le buckets
-LE_SLOTS = tuple(value_to_slot(1 << k) for k in LE_EXPONENTS)
+def _scheme_edge(s: int, scheme: str) -> bool:
+    """Is slot s's lower bound an edge of the scheme? (Below 8 us every slot is
+    one integer: 1, 2, 3, 4, 6 are the edges of pow2x2; 1, 2, 4 of pow2.)"""
+    lo = slot_lower(s)
+    top = 1 << (lo.bit_length() - 1)  # the power of two at or below lo
+    if lo == top:
+        return True
+    return scheme == "all" or (scheme == "pow2x2" and 2 * lo == 3 * top)
 
 
-def cumulative_at_powers_of_two(slots: Sequence[int]) -> list[tuple[int, int]]:
-    """[(2^k us, count of values < 2^k us)] for k in LE_EXPONENTS."""
+def edge_slots(scheme: str, low_seconds: float, high_seconds: float) -> tuple[int, ...]:
+    """The slots whose lower bounds, in [low, high] seconds, are the scheme's edges.
+
+    The last slot is open-ended (its lower bound is no edge of anything)."""
+    if scheme not in EDGE_SCHEMES:
+        raise ValueError(f"unknown edge scheme {scheme!r}; one of {', '.join(EDGE_SCHEMES)}")
+    return tuple(
+        s
+        for s in range(1, MAX_SLOTS - 1)
+        if low_seconds <= slot_lower(s) * 1e-6 <= high_seconds and _scheme_edge(s, scheme)
+    )
+
+
+def cumulative(slots: Sequence[int], cuts: Sequence[int]) -> list[int]:
+    """For each cut slot s: how many values are below slot_lower(s)."""
     acc = [0, *accumulate(slots)]  # acc[s] = count of slots below s
-    return [(1 << k, acc[cut]) for k, cut in zip(LE_EXPONENTS, LE_SLOTS, strict=True)]
+    return [acc[s] for s in cuts]
 
 
 def quantile(slots: Sequence[int], q: float, mean: float | None = None) -> float | None:
@@ -67,7 +94,7 @@ def quantile(slots: Sequence[int], q: float, mean: float | None = None) -> float
     by how far that mean lies from the mean uniform buckets would imply, and
     clamped to the bucket: it never leaves the bucket of the true quantile,
     and samples clustered in one part of a bucket are located where they are
-    instead of mid-bucket (a 25% wide bucket would otherwise allow a 12% error).
+    instead of mid-bucket (a 12.5% wide bucket would otherwise allow a 6% error).
     """
     return quantiles(slots, (q,), mean)[0]
 

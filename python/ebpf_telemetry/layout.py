@@ -15,7 +15,7 @@ from typing import Any
 from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
 
 # enum bpf_map_type values used here (uapi linux/bpf.h)
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_LPM_TRIE = 1, 2, 6, 11
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LPM_TRIE = 1, 2, 5, 6, 11
 MAP_QUEUE, MAP_RINGBUF = 22, 27
 BTF_KIND_INT, BTF_KIND_STRUCT, BTF_KIND_TYPEDEF = 1, 4, 8
 BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 9, 10, 11
@@ -36,10 +36,12 @@ class MapSpec:
 MAPS: dict[str, MapSpec] = {
     s.name: s
     for s in (
-        MapSpec("rtt_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
+        MapSpec("rtt_hist_map", MAP_ARRAY, 4, "struct hist"),
+        MapSpec("rtt_host_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
         MapSpec("node_metrics_map", MAP_PERCPU_ARRAY, 4, "struct node_metrics"),
         MapSpec("runqlat_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
         MapSpec("drop_reasons_map", MAP_PERCPU_ARRAY, 4, "__u64"),
+        MapSpec("drop_subsys_map", MAP_PERCPU_HASH, 4, "__u64"),
         MapSpec("cpu_time_map", MAP_PERCPU_ARRAY, 4, "struct cpu_time"),
         MapSpec("peer_cidr_map", MAP_LPM_TRIE, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_addr_map", MAP_HASH, ffi.sizeof("struct peer_key"), "__u32"),

@@ -59,8 +59,16 @@ class Pins:
         return {name: per[idx] if idx < len(per) else 0 for name, idx in STATS.items()}
 
     def drops(self) -> dict[int, int]:
-        """drop reason value -> count, reasons seen only."""
-        return {r: c for r, c in enumerate(self.counters("drop_reasons_map")) if c}
+        """drop reason value -> count, reasons seen only: the core reasons'
+        array, then the subsystem reasons' hash (absent from pins an earlier build left)."""
+        out = {r: c for r, c in enumerate(self.counters("drop_reasons_map")) if c}
+        if os.path.exists(os.path.join(self.pin_dir, "drop_subsys_map")):
+            m = self["drop_subsys_map"]
+            for key in m.keys("__u32"):
+                vals = m.lookup(key)
+                if vals is not None:
+                    out[int(key[0])] = sum(vals[c] for c in range(m.ncpu))
+        return out
 
     def runqlat_hist(self) -> Hist:
         m = self["runqlat_hist_map"]
@@ -84,11 +92,14 @@ class Pins:
         return CpuTime(idle, busy)
 
     def node_rows(self) -> tuple[dict[int, Hist], dict[int, NodeMetrics]]:
-        """Every node's RTT histogram and metrics: two batch look-ups."""
-        hm, mm = self["rtt_hist_map"], self["node_metrics_map"]
+        """Every node's RTT histogram and metrics: three batch look-ups (the
+        peers' shared histogram rows, the host's per-CPU one, the metrics)."""
+        hm, host, mm = self["rtt_hist_map"], self["rtt_host_hist_map"], self["node_metrics_map"]
         n, hvals = hm.array_rows()
+        _, host_vals = host.array_rows(1)
         k, mvals = mm.array_rows()
-        hists = {i: Hist.from_percpu(hvals, i * hm.ncpu, hm.ncpu) for i in range(n)}
+        hists = {i: Hist.from_percpu(hvals, i, 1) for i in range(1, n)}
+        hists[0] = Hist.from_percpu(host_vals, 0, host.ncpu)
         metrics = {i: NodeMetrics.from_percpu(mvals, i * mm.ncpu, mm.ncpu) for i in range(k)}
         return hists, metrics
 

@@ -22,7 +22,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
-from ebpf_telemetry.histogram import LE_EXPONENTS, cumulative_at_powers_of_two
+from ebpf_telemetry.config import Config
+from ebpf_telemetry.histogram import cumulative, edge_slots, slot_lower
 from ebpf_telemetry.loader import Running
 from ebpf_telemetry.snapshot import HOST, Window
 from ebpf_telemetry.values import EVENT_TYPES, Hist
@@ -55,14 +56,14 @@ METRICS = _defs(
         "gauge",
         ("node",),
         "Median TCP smoothed RTT over the last interval, all peers, milliseconds.",
-        "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
+        "rtt_host_hist_map difference of two readings, interpolated in its bucket",
     ),
     MetricDef(
         "ebpf_rtt_p99_milliseconds",
         "gauge",
         ("node",),
         "99th percentile TCP smoothed RTT over the last interval, all peers, milliseconds.",
-        "rtt_hist_map[0] difference of two readings, interpolated in its bucket",
+        "rtt_host_hist_map difference of two readings, interpolated in its bucket",
     ),
     MetricDef(
         "ebpf_tcp_rtt_seconds",
@@ -70,15 +71,24 @@ METRICS = _defs(
         ("node", "peer"),
         "TCP smoothed RTT (srtt) per peer node: one sample per RTT measurement the kernel "
         "takes (an incoming segment that acknowledges new data), srtt as it stands then.",
-        "tcp_probe where ack_seq > snd_una -> rtt_hist_map[peer] (log2x4 slots, le at 2^k us), "
-        "node_metrics_map.rtt_sum",
+        "tcp_probe where ack_seq > snd_una -> rtt_hist_map[peer] (log2x8 slots; le: the "
+        "rtt_buckets edges in rtt_bucket_range_seconds), node_metrics_map.rtt_sum",
+    ),
+    MetricDef(
+        "ebpf_node_tcp_rtt_seconds",
+        "histogram",
+        ("node",),
+        "TCP smoothed RTT of all this host's peers together, at every kernel bucket edge in "
+        "rtt_bucket_range_seconds: for percentiles across a fleet.",
+        "rtt_host_hist_map (log2x8 slots, le: all edges), node_metrics_map[0].rtt_sum",
     ),
     MetricDef(
         "ebpf_tcp_rtt_window_seconds",
         "summary",
         ("node", "peer", "quantile"),
-        "TCP smoothed RTT per peer: quantiles over the last interval, _sum/_count cumulative.",
-        "rtt_hist_map[peer] difference of two readings",
+        "TCP smoothed RTT per peer: quantile 0.5, 0.9, 0.99 of the samples of the last "
+        "interval (absent when it had none); no _sum/_count: ebpf_tcp_rtt_seconds has them.",
+        "rtt_hist_map[peer] difference of two readings, interpolated in the bucket",
     ),
     MetricDef(
         "ebpf_tcp_retransmits_total",
@@ -100,7 +110,7 @@ METRICS = _defs(
         "histogram",
         ("node",),
         "Time from a task becoming runnable (woken or preempted) to running on a CPU.",
-        "sched_wakeup/_new, sched_switch -> runqlat_hist_map (log2x4), runqlat_sum",
+        "sched_wakeup/_new, sched_switch -> runqlat_hist_map (log2x8), runqlat_sum",
     ),
     MetricDef(
         "ebpf_cpu_utilization_ratio",
@@ -197,16 +207,32 @@ def _go(x: float) -> str:
     return str(floatToGoString(x))  # type: ignore[no-untyped-call]
 
 
-LE_LABELS = [_go((1 << k) * US) for k in LE_EXPONENTS]
+@dataclass(frozen=True)
+class Buckets:
+    """The exported edges of a histogram: the kernel slots they start, and
+    their `le` label values in seconds."""
+
+    cuts: tuple[int, ...]
+    les: tuple[str, ...]
+
+    @classmethod
+    def of(cls, scheme: str, low_seconds: float, high_seconds: float) -> Buckets:
+        cuts = edge_slots(scheme, low_seconds, high_seconds)
+        return cls(cuts, tuple(_go(slot_lower(s) * US) for s in cuts))
 
 
-def _add_histogram(fam: Metric, labels: dict[str, str], h: Hist, sum_seconds: float) -> None:
-    """One histogram series: cumulative buckets at le = 2^k us, +Inf, _count, _sum.
+# run-queue latency: every power of two from 1 us to 2^26 us (67 s)
+RUNQ_BUCKETS = Buckets.of("pow2", 1e-6, 68.0)
+
+
+def _add_histogram(
+    fam: Metric, labels: dict[str, str], b: Buckets, h: Hist, sum_seconds: float
+) -> None:
+    """One histogram series: cumulative buckets at b's edges, +Inf, _count, _sum.
     (Samples added directly: HistogramMetricFamily.add_metric re-validates every
     bucket, which costs more than all the rest at 255 peers.)"""
-    counts = cumulative_at_powers_of_two(h.slots)
     bucket = fam.name + "_bucket"
-    for le, (_, c) in zip(LE_LABELS, counts, strict=True):
+    for le, c in zip(b.les, cumulative(h.slots, b.cuts), strict=True):
         fam.add_sample(bucket, {**labels, "le": le}, c)
     fam.add_sample(bucket, {**labels, "le": "+Inf"}, h.count)
     fam.add_sample(fam.name + "_count", labels, h.count)
@@ -231,7 +257,7 @@ def _counter(name: str) -> CounterMetricFamily:
 
 
 def _summary(name: str) -> Metric:
-    """A summary with quantiles (SummaryMetricFamily cannot hold quantiles)."""
+    """A summary of quantiles only (SummaryMetricFamily cannot hold quantiles)."""
     n, h, _ = _labels(name, "summary")
     return Metric(n, h, "summary")
 
@@ -244,11 +270,18 @@ def _histogram(name: str) -> Metric:
 class TelemetryCollector(Collector):
     """Yields the families of the latest window handed to update()."""
 
-    def __init__(self, node_name: str) -> None:
-        self.node_name = node_name
+    def __init__(self, cfg: Config) -> None:
         self.collectors: list[Running] = []  # what attach() made run
         self.window: Window | None = None
         self.collect_seconds = 0.0
+        self.configure(cfg)
+
+    def configure(self, cfg: Config) -> None:
+        """The node name and the RTT buckets, from a config (at start and reload)."""
+        self.node_name = cfg.node_name
+        low, high = cfg.rtt_bucket_range_seconds
+        self.peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
+        self.host_buckets = Buckets.of("all", low, high)
 
     def update(self, window: Window, collect_seconds: float) -> None:
         self.window, self.collect_seconds = window, collect_seconds
@@ -281,18 +314,20 @@ class TelemetryCollector(Collector):
             if value is not None:
                 fam.add_metric([n], value / 1000.0)
             yield fam
+        host = _histogram("ebpf_node_tcp_rtt_seconds")
+        hb = self.host_buckets
+        _add_histogram(host, {"node": n}, hb, w.cur.hist(HOST), w.cur.node(HOST).rtt_sum * US)
+        yield host
         hist = _histogram("ebpf_tcp_rtt_seconds")
         window = _summary("ebpf_tcp_rtt_window_seconds")
         for node, peer in self._peers(w):
-            m = w.cur.node(node)
             labels = {"node": n, "peer": peer}
-            _add_histogram(hist, labels, w.cur.hist(node), m.rtt_sum * US)
+            m = w.cur.node(node)
+            _add_histogram(hist, labels, self.peer_buckets, w.cur.hist(node), m.rtt_sum * US)
             values = w.rtt_quantiles_us(node, WINDOW_QUANTILES)
             for q_label, v in zip(WINDOW_Q_LABELS, values, strict=True):
                 if v is not None:
                     window.add_sample(window.name, {**labels, "quantile": q_label}, v * US)
-            window.add_sample(window.name + "_sum", labels, m.rtt_sum * US)
-            window.add_sample(window.name + "_count", labels, m.rtt_count)
         yield hist
         yield window
 
@@ -303,15 +338,14 @@ class TelemetryCollector(Collector):
             retrans.add_metric([n, peer], w.cur.node(node).retrans_count)
         yield retrans
         drops = _counter("ebpf_packet_drops_total")
-        names = btf.drop_reasons()
-        for reason, count in sorted(w.cur.drops.items()):
-            drops.add_metric([n, names.get(reason, str(reason))], count)
+        for name, count in btf.drops_by_name(w.cur.drops).items():
+            drops.add_metric([n, name], count)
         yield drops
 
     def _sched(self, w: Window) -> Iterator[Metric]:
         n, host = self.node_name, w.cur.node(HOST)
         runq = _histogram("ebpf_runqueue_latency_seconds")
-        _add_histogram(runq, {"node": n}, w.cur.runqlat, host.runqlat_sum * US)
+        _add_histogram(runq, {"node": n}, RUNQ_BUCKETS, w.cur.runqlat, host.runqlat_sum * US)
         yield runq
         util = _gauge("ebpf_cpu_utilization_ratio")
         ratio = w.cpu_utilization

@@ -7,7 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from ebpf_telemetry.binding import BpfError, check, ffi, lib, num_cpus, obj_get
-from ebpf_telemetry.layout import MAP_PERCPU_ARRAY, MAPS, LayoutError, check_btf_layout
+from ebpf_telemetry.layout import (
+    MAP_PERCPU_ARRAY,
+    MAP_PERCPU_HASH,
+    MAPS,
+    LayoutError,
+    check_btf_layout,
+)
 
 
 class PinnedMap:
@@ -27,7 +33,7 @@ class PinnedMap:
 
     @property
     def percpu(self) -> bool:
-        return self.spec.map_type == MAP_PERCPU_ARRAY
+        return self.spec.map_type in (MAP_PERCPU_ARRAY, MAP_PERCPU_HASH)
 
     @property
     def max_entries(self) -> int:

@@ -96,6 +96,7 @@ OBJECT_NEEDS = (
     Feature("bpf", "batch look-ups of per-CPU arrays (the agent's reads)", "5.13"),
     Feature("map_type", "RINGBUF", "5.8"),
     Feature("map_type", "LPM_TRIE", "4.11"),
+    Feature("map_type", "PERCPU_HASH", "4.6"),  # drops of subsystem reasons
     Feature("map_type", "QUEUE", "4.20"),  # the free automatic peer ids
     Feature("map_type", "SK_STORAGE", "5.2"),
     Feature("map_type", "TASK_STORAGE", "5.11"),

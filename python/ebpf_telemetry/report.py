@@ -79,8 +79,7 @@ def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
 
 
 def drops_by_name(snap: Snapshot) -> dict[str, int]:
-    names = btf.drop_reasons()
-    return {names.get(r, str(r)): c for r, c in sorted(snap.drops.items(), key=lambda x: -x[1])}
+    return dict(sorted(btf.drops_by_name(snap.drops).items(), key=lambda x: -x[1]))
 
 
 def as_json(snap: Snapshot, only: int | None) -> str:

@@ -32,6 +32,8 @@ class Hist:
         rows = [words[(base + c) * MAX_SLOTS : (base + c + 1) * MAX_SLOTS] for c in range(ncpu)]
         if not any(any(r) for r in rows):
             return cls.empty()
+        if ncpu == 1:  # a row all CPUs share
+            return cls(tuple(rows[0]))
         return cls(tuple(map(sum, zip(*rows, strict=True))))
 
     @property
