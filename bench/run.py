@@ -3,7 +3,9 @@
 Measures, each in the same run as its comparison:
  1. per-event cost of each hook (bpf_stats) vs an empty program, bpftrace, runqlat;
  2. loopback request/response latency with all collectors vs none;
- 3. one userspace collection cycle at 1/64/255 peers; the agent's RSS and CPU;
+ 3. one userspace collection cycle at 1/64/255 peers for each rtt_buckets value
+    (read / compute / format / write), the agent's RSS and CPU; PromQL's
+    accuracy per rtt_buckets value; kernel map memory at 64 and 256 CPUs;
  4. the event rate the `events` CLI drains at sample_rate 1 without loss.
 Prints a table and writes the same figures as JSON. Leaves nothing attached:
 every pin dir is /sys/fs/bpf/ebt-bench-<pid>-<part> and is unloaded after use.
@@ -27,11 +29,17 @@ import structlog
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eventstream
+import export
 import hooks
 import latency
+import probes
 import userspace
 from bpfstats import stats_sysctl
 from report import Report, fmt, ratio
+
+from ebpf_telemetry.config import Config
+from ebpf_telemetry.histogram import EDGE_SCHEMES
+from ebpf_telemetry.maps import Pins
 
 
 @dataclass(frozen=True)
@@ -97,17 +105,19 @@ def run_latency(r: Report, plan: Plan) -> None:
 
 def run_userspace(r: Report, plan: Plan) -> None:
     s = "3. userspace"
-    cyc = userspace.cycles(PEER_COUNTS, plan.cycles)
+    cyc = userspace.cycles(PEER_COUNTS, plan.cycles, EDGE_SCHEMES)
     r.add("cycles", cyc)
     for c in cyc:
         r.row(
             s,
-            f"cycle at {c.peers} peers",
-            f"median {c.median_ms:.1f} ms, p95 "
-            f"{c.p95_ms:.1f} ms (read {c.read_ms:.1f}, compute {c.compute_ms:.1f} ms; "
-            f"{c.textfile_bytes:,} B textfile; {plan.cycles} cycles)",
+            f"cycle {c.rtt_buckets:<6} {c.peers:>3} peers",
+            f"median {c.median_ms:5.1f} ms, p95 {c.p95_ms:5.1f} ms = read {c.read_ms:.1f} "
+            f"+ compute {c.compute_ms:.1f} + format {c.format_ms:.1f} + write {c.write_ms:.1f}; "
+            f"{c.lines_per_peer} lines/peer, {c.textfile_bytes:,} B",
         )
-    r.target("cycle p95 at 255 peers", cyc[-1].p95_ms, "ms", 20.0)
+    default = Config.rtt_buckets
+    at_255 = next(c for c in cyc if c.rtt_buckets == default and c.peers == PEER_COUNTS[-1])
+    r.target(f"cycle p95 at 255 peers ({default})", at_255.p95_ms, "ms", 20.0)
     ag = userspace.agent(PEER_COUNTS[-1], plan.agent_seconds, plan.agent_warmup)
     r.add("agent", ag)
     r.row(s, "agent RSS (max)", f"{ag.rss_mb:.1f} MB")
@@ -115,10 +125,43 @@ def run_userspace(r: Report, plan: Plan) -> None:
         s,
         "agent CPU",
         f"{ag.cpu_pct:.2f} % of one core over {ag.seconds:.0f} s "
-        f"(interval 5 s, {ag.peers_in_textfile} peers in textfile)",
+        f"(interval 5 s, {ag.peers_in_textfile} peers in textfile, rtt_buckets {default})",
     )
     r.target("agent RSS", ag.rss_mb, "MB", 60.0)
     r.target("agent CPU", ag.cpu_pct, "%", 1.0)
+    run_export(r)
+
+
+def run_export(r: Report) -> None:
+    s = "3b. PromQL accuracy (p50/p90/p99 of 3 RTT shapes) and kernel memory"
+    acc = export.accuracy()
+    r.add("accuracy", acc)
+    low, high = Config.rtt_bucket_range_seconds
+    for a in acc:
+        r.row(
+            s,
+            f"histogram_quantile {a.buckets}",
+            f"{a.edges} edges in [{low:g}, {high:g}] s: error mean {a.mean_err_pct:.1f}%, "
+            f"max {a.max_err_pct:.1f}%",
+        )
+    with probes.telemetry("memory") as t, Pins(t.pins) as pins:
+        mem = export.memory(pins, os.cpu_count() or 1)
+    r.add("memory", mem)
+    mib = 1 << 20
+    for m in sorted(mem, key=lambda m: -m.bytes_256)[:6]:
+        r.row(
+            s,
+            f"map {m.name}",
+            f"{m.bytes_here / mib:.2f} MiB here, {m.bytes_64 / mib:.2f} at 64 CPUs, "
+            f"{m.bytes_256 / mib:.2f} at 256{' (per-CPU)' if m.per_cpu else ''}",
+        )
+    total = {k: sum(getattr(m, k) for m in mem) / mib for k in ("bytes_64", "bytes_256")}
+    r.row(
+        s,
+        "kernel maps, all",
+        f"{total['bytes_64']:.1f} MiB at 64 CPUs, {total['bytes_256']:.1f} MiB at 256",
+    )
+    r.target("kernel memory at 256 CPUs", total["bytes_256"], "MiB", 64.0)
 
 
 def run_stream(r: Report, plan: Plan) -> None:

@@ -1,6 +1,6 @@
-"""3. Userspace: one collection cycle (read all maps, compute, write the
-textfile) at 1, 64 and 255 peers; then the agent's RSS and CPU share at the
-default interval with traffic to 255 peers."""
+"""3. Userspace: one collection cycle (read all maps, compute, format, write
+the textfile) at 1, 64 and 255 peers for each rtt_buckets value; then the
+agent's RSS and CPU share at the default interval with traffic to 255 peers."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import probes
 import workload
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from ebpf_telemetry import exporter
 from ebpf_telemetry.config import RESERVED_PEER, Config
@@ -29,12 +32,16 @@ PEER_COUNT_RE = re.compile(r'^ebpf_tcp_rtt_seconds_count\{[^}]*peer="([^"]*)"', 
 
 @dataclass(frozen=True)
 class CycleResult:
+    rtt_buckets: str
     peers: int  # configured peers in the snapshot (`other` not counted)
-    median_ms: float
+    median_ms: float  # the whole cycle as the agent runs it: read, compute, format, write
     p95_ms: float
-    read_ms: float  # median of take()
-    compute_ms: float  # median of collect + generate_latest (timed apart, after)
+    read_ms: float  # medians of each part, timed apart
+    compute_ms: float  # the collector's families (snapshot -> samples)
+    format_ms: float  # prometheus_client's generate_latest of those families
+    write_ms: float  # the atomic write of the text (fsync, rename)
     textfile_bytes: int
+    lines_per_peer: int  # lines one peer adds (histogram, window quantiles, retransmits)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,19 @@ class Timing:
     total_ms: float
     read_ms: float
     compute_ms: float
+    format_ms: float
+    write_ms: float
     size: int
+
+
+class Families(Collector):
+    """Families computed beforehand: generate_latest then times formatting only."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
 def _cycle(
@@ -64,22 +83,38 @@ def _cycle(
     collector: TelemetryCollector,
     path: str,
 ) -> tuple[Timing, Snapshot]:
-    """What Agent.cycle does: take, Window, update, generate_latest + atomic write;
-    then, untimed in the total, generate_latest alone (the compute share)."""
+    """What Agent.cycle does (take, Window, update, collect + generate_latest +
+    atomic write), timed whole; then each part again, apart."""
     t0 = time.perf_counter()
     cur = take(pins)
-    t1 = time.perf_counter()
     collector.update(Window(prev, cur), 0.0)
     n = exporter.write_textfile(path, registry)
+    t1 = time.perf_counter()
+    take(pins)
     t2 = time.perf_counter()
-    generate_latest(registry)
+    families = list(collector.collect())
     t3 = time.perf_counter()
-    return Timing((t2 - t0) * 1000, (t1 - t0) * 1000, (t3 - t2) * 1000, n), cur
+    fixed = CollectorRegistry(auto_describe=False)
+    fixed.register(Families(families))
+    text = generate_latest(fixed)
+    t4 = time.perf_counter()
+    exporter.write_atomic(path, text)
+    t5 = time.perf_counter()
+    total, read, compute, fmt, write = (
+        (b - a) * 1000 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))
+    )
+    return Timing(total, read, compute, fmt, write, n), cur
 
 
-def cycles(counts: tuple[int, ...], n: int) -> list[CycleResult]:
+def _lines_per_peer(path: str, peer: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if f'peer="{peer}"' in line)
+
+
+def cycles(counts: tuple[int, ...], n: int, schemes: tuple[str, ...]) -> list[CycleResult]:
     """1, then 64, then 255 configured peers (127.0.0.n/32), each with a
-    connection; every peer gets an RTT sample between two cycles (untimed)."""
+    connection; every peer gets an RTT sample between two cycles (untimed);
+    at each count, each rtt_buckets value."""
     out: list[CycleResult] = []
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -87,7 +122,8 @@ def cycles(counts: tuple[int, ...], n: int) -> list[CycleResult]:
         workload.peers(1) as conns,
         Pins(t.pins) as pins,
     ):
-        collector = TelemetryCollector(Config(node_name="bench"))
+        cfg = Config(node_name="bench")
+        collector = TelemetryCollector(cfg)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
         path = os.path.join(tmp, "ebpf_telemetry.prom")
@@ -95,24 +131,30 @@ def cycles(counts: tuple[int, ...], n: int) -> list[CycleResult]:
             t.set_peers(count)
             conns.grow(count)
             conns.touch()
-            prev = take(pins)
-            times: list[Timing] = []
-            for _ in range(n):
-                conns.touch()
-                timing, prev = _cycle(pins, prev, registry, collector, path)
-                times.append(timing)
-            got = sum(1 for name in take(pins).peers.values() if name != RESERVED_PEER)
-            total = [x.total_ms for x in times]
-            out.append(
-                CycleResult(
-                    got,
-                    statistics.median(total),
-                    p95(total),
-                    statistics.median(x.read_ms for x in times),
-                    statistics.median(x.compute_ms for x in times),
-                    times[-1].size,
+            for scheme in schemes:
+                collector.configure(replace(cfg, rtt_buckets=scheme))
+                prev = take(pins)
+                times: list[Timing] = []
+                for _ in range(n):
+                    conns.touch()
+                    timing, prev = _cycle(pins, prev, registry, collector, path)
+                    times.append(timing)
+                got = sum(1 for name in take(pins).peers.values() if name != RESERVED_PEER)
+                total = [x.total_ms for x in times]
+                out.append(
+                    CycleResult(
+                        scheme,
+                        got,
+                        statistics.median(total),
+                        p95(total),
+                        statistics.median(x.read_ms for x in times),
+                        statistics.median(x.compute_ms for x in times),
+                        statistics.median(x.format_ms for x in times),
+                        statistics.median(x.write_ms for x in times),
+                        times[-1].size,
+                        _lines_per_peer(path, "lo1"),
+                    )
                 )
-            )
     return out
 
 

@@ -4,6 +4,8 @@ while TCP runs over a delay line of known RTT."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import subprocess
 import sys
 import threading
@@ -140,3 +142,63 @@ def test_promtool_check_metrics_on_our_textfile(stack: dict[str, Any]) -> None:
     unexpected = [p for p in problems if not p.startswith(SEED_NAMES)]
     assert not unexpected, problems
     assert all("base unit" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("buckets", ["pow2", "pow2x2", "all"])
+def test_promtool_is_clean_with_each_rtt_buckets(
+    pin_dir: str, tmp_path: Path, buckets: str
+) -> None:
+    """`run --once` with each rtt_buckets value over loopback traffic: promtool
+    finds nothing but the seed's names, and every per-peer le is an edge of
+    that scheme (and the host histogram's a superset)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'rtt_buckets = "{buckets}"\nrtt_bucket_range_seconds = [0.00001, 0.5]\n')
+    textfile = tmp_path / "ebpf_telemetry.prom"
+    stop = threading.Event()
+
+    def loopback(port: int) -> None:  # RTT samples for at least one automatic peer
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        t = threading.Thread(target=loopback, args=(srv.server_port,))
+        t.start()
+        try:
+            args = ["--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(textfile)]
+            r = subprocess.run(
+                [sys.executable, "-m", "ebpf_telemetry", "run", "--once", "--interval", "1", *args],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        finally:
+            stop.set()
+            t.join()
+            srv.shutdown()
+    assert r.returncode == 0, r.stderr
+    text = textfile.read_text()
+    lint = subprocess.run(
+        [require(("promtool",)), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    problems = [x for x in (lint.stdout + lint.stderr).splitlines() if x.strip()]
+    assert not [p for p in problems if not p.startswith(SEED_NAMES)], problems
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    peer_les = {s.labels["le"] for s in fams["ebpf_tcp_rtt_seconds"].samples if "le" in s.labels}
+    host_les = {
+        s.labels["le"] for s in fams["ebpf_node_tcp_rtt_seconds"].samples if "le" in s.labels
+    }
+    # 10 us .. 0.5 s: 2^4 .. 2^18 us; pow2x2 also 12 us; all: 10..15 us, then 8 per octave
+    want = {"pow2": 15, "pow2x2": 31, "all": 6 + 14 * 8 + 8}[buckets] + 1  # and +Inf
+    assert len(peer_les) == want and peer_les <= host_les and len(host_les) == 127
+    print(f"\n{buckets}: {len(peer_les) - 1} per-peer edges, {len(text.splitlines())} lines")
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args: Any) -> None:
+        pass

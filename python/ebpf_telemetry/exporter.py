@@ -80,6 +80,13 @@ def remove_stale_temps(path: str) -> list[str]:
 def write_textfile(path: str, registry: CollectorRegistry) -> int:
     """Write the exposition of registry to path atomically; bytes written."""
     data = generate_latest(registry)
+    write_atomic(path, data)
+    return len(data)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """data to path as a whole or not at all: a temporary file beside it,
+    fsync, rename over it, fsync of the directory; mode 0644."""
     check_textfile_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = _temp_name(path, os.getpid())
@@ -104,7 +111,6 @@ def write_textfile(path: str, registry: CollectorRegistry) -> int:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise TextfileError(f"cannot write textfile {path}: {e.strerror}") from None
-    return len(data)
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> Any:

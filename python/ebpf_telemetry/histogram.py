@@ -23,7 +23,6 @@ edge and above the highest stay exact in the first bucket and in +Inf.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import accumulate
 
 from ebpf_telemetry.binding import lib
 
@@ -73,17 +72,21 @@ def edge_slots(scheme: str, low_seconds: float, high_seconds: float) -> tuple[in
     The last slot is open-ended (its lower bound is no edge of anything)."""
     if scheme not in EDGE_SCHEMES:
         raise ValueError(f"unknown edge scheme {scheme!r}; one of {', '.join(EDGE_SCHEMES)}")
+    # in microseconds, with room for the decimal rounding of seconds (1e-05 * 1e6)
+    lo, hi = low_seconds * 1e6 * (1 - 1e-9), high_seconds * 1e6 * (1 + 1e-9)
     return tuple(
-        s
-        for s in range(1, MAX_SLOTS - 1)
-        if low_seconds <= slot_lower(s) * 1e-6 <= high_seconds and _scheme_edge(s, scheme)
+        s for s in range(1, MAX_SLOTS - 1) if lo <= slot_lower(s) <= hi and _scheme_edge(s, scheme)
     )
 
 
 def cumulative(slots: Sequence[int], cuts: Sequence[int]) -> list[int]:
     """For each cut slot s: how many values are below slot_lower(s)."""
-    acc = [0, *accumulate(slots)]  # acc[s] = count of slots below s
-    return [acc[s] for s in cuts]
+    out, below, prev = [], 0, 0
+    for s in cuts:  # slices summed in C: a few dozen cuts, not MAX_SLOTS adds
+        below += sum(slots[prev:s])
+        out.append(below)
+        prev = s
+    return out
 
 
 def quantile(slots: Sequence[int], q: float, mean: float | None = None) -> float | None:

@@ -3,6 +3,7 @@ per-CPU copies summed, and the difference of two readings."""
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -44,7 +45,7 @@ class Hist:
         """The samples added after prev; all of self if a slot went down (maps reset)."""
         if self.slots == prev.slots:  # an idle peer: the common case, at C speed
             return Hist.empty()
-        diff = tuple(a - b for a, b in zip(self.slots, prev.slots, strict=True))
+        diff = tuple(map(operator.sub, self.slots, prev.slots))
         return self if min(diff) < 0 else Hist(diff)
 
     def quantile(self, q: float, mean: float | None = None) -> float | None:
