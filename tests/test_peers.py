@@ -184,7 +184,8 @@ def half_open(src: str, dst: str, port: int) -> socket.socket:
 
 def test_other_with_only_retransmits_is_exported(make_config: Any, tmp_path: Path) -> None:
     """Connections to an address no configured peer covers, whose SYNs are
-    dropped: SYN retransmits only, counted under `other`, which is exported."""
+    dropped: SYN retransmits only, counted under `other`, which is exported;
+    the exported peers' retransmits add up to the host's."""
     drop_syn = (
         "table inet ebt {\n chain input {\n  type filter hook input priority 0;\n"
         "  tcp dport 9999 drop\n }\n}\n"
@@ -197,6 +198,7 @@ def test_other_with_only_retransmits_is_exported(make_config: Any, tmp_path: Pat
             socks = [run_in_netns(a, half_open, veth.v4_a, "10.250.30.1", 9999) for _ in range(3)]
             wait_until(lambda: c.cycle().node(labels(c.prev)["other"]).retrans_count >= 3, 10, 0.2)
             text = Path(c.agent.cfg.textfile).read_text()
+            host = c.prev.node(HOST).retrans_count  # the snapshot the text was made of
         finally:
             c.close()
             for s in socks:
@@ -208,6 +210,7 @@ def test_other_with_only_retransmits_is_exported(make_config: Any, tmp_path: Pat
         for s in fam.samples
     }
     assert retrans.get("other", 0) >= 3, retrans
+    assert sum(retrans.values()) == host, (retrans, host)
     rtt_other = [
         x
         for x in text.splitlines()

@@ -23,6 +23,7 @@ edge and above the highest stay exact in the first bucket and in +Inf.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import compress
 
 from ebpf_telemetry.binding import lib
 
@@ -106,7 +107,7 @@ def quantiles(
     slots: Sequence[int], qs: Sequence[float], mean: float | None = None
 ) -> list[float | None]:
     """quantile() for several q at once: one pass over the slots."""
-    used = [(s, c) for s, c in enumerate(slots) if c]
+    used = [(s, slots[s]) for s in compress(range(len(slots)), slots)]  # non-empty slots
     total = sum(c for _, c in used)
     if total <= 0:
         return [None] * len(qs)

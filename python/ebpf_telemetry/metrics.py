@@ -19,6 +19,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
@@ -229,14 +230,18 @@ def _add_histogram(
     fam: Metric, labels: dict[str, str], b: Buckets, h: Hist, sum_seconds: float
 ) -> None:
     """One histogram series: cumulative buckets at b's edges, +Inf, _count, _sum.
-    (Samples added directly: HistogramMetricFamily.add_metric re-validates every
-    bucket, which costs more than all the rest at 255 peers.)"""
-    bucket = fam.name + "_bucket"
-    for le, c in zip(b.les, cumulative(h.slots, b.cuts), strict=True):
-        fam.add_sample(bucket, {**labels, "le": le}, c)
-    fam.add_sample(bucket, {**labels, "le": "+Inf"}, h.count)
-    fam.add_sample(fam.name + "_count", labels, h.count)
-    fam.add_sample(fam.name + "_sum", labels, sum_seconds)
+    (Samples made directly: HistogramMetricFamily.add_metric re-validates every
+    bucket, and add_sample is a call per sample; at 255 peers both cost more
+    than the rest of the computing.)"""
+    bucket, n = fam.name + "_bucket", h.count
+    counts = cumulative(h.slots, b.cuts)
+    pairs = zip(b.les, counts, strict=True)
+    fam.samples += [Sample(bucket, {**labels, "le": le}, c) for le, c in pairs]
+    fam.samples += [
+        Sample(bucket, {**labels, "le": "+Inf"}, n),
+        Sample(fam.name + "_count", labels, n),
+        Sample(fam.name + "_sum", labels, sum_seconds),
+    ]
 
 
 def _labels(name: str, kind: str) -> tuple[str, str, list[str]]:

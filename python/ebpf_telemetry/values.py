@@ -3,6 +3,7 @@ per-CPU copies summed, and the difference of two readings."""
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 from collections.abc import Sequence
@@ -58,6 +59,11 @@ class Hist:
 _NODE_METRICS_WORDS = ffi.sizeof("struct node_metrics") // 8
 
 
+@functools.cache
+def _metric_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(NodeMetrics))
+
+
 @dataclass(frozen=True)
 class NodeMetrics:
     """struct node_metrics, summed over CPUs (timestamp: the latest; cpu_util:
@@ -91,17 +97,16 @@ class NodeMetrics:
 
     def since(self, prev: NodeMetrics) -> NodeMetrics:
         """Counters added after prev; all of self if one went down (maps reset)."""
-        if any(
-            getattr(self, f.name) < getattr(prev, f.name)
-            for f in fields(self)
-            if f.name not in self.LATEST
-        ):
+        if self == prev:  # an idle peer
+            return NodeMetrics(**{n: getattr(self, n) for n in self.LATEST})
+        names = _metric_names()
+        mine, theirs = [getattr(self, n) for n in names], [getattr(prev, n) for n in names]
+        if any(a < b for n, a, b in zip(names, mine, theirs, strict=True) if n not in self.LATEST):
             return self
         return NodeMetrics(
             **{
-                f.name: getattr(self, f.name)
-                - (0 if f.name in self.LATEST else getattr(prev, f.name))
-                for f in fields(self)
+                n: a - (0 if n in self.LATEST else b)
+                for n, a, b in zip(names, mine, theirs, strict=True)
             }
         )
 
