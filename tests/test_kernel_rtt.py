@@ -297,9 +297,10 @@ def test_bulk_receiver_records_no_stale_samples(make_config: Any, lab: Any) -> N
     assert rx_segs > 1000 and receiver <= 2
     # ACKs that arrive while the sender holds its socket are coalesced in the
     # backlog (TCPBacklogCoalesce) and measured once: what the kernel measures
-    # on is the ACKs it processes
+    # on is the ACKs it processes, less those that acknowledge nothing new
+    # (window updates as the receiver reads): seen 86-98% of them
     processed = acks_in - coalesced
-    assert processed > 20 and 0.9 * processed <= sender <= processed
+    assert processed > 20 and 0.8 * processed <= sender <= processed
 
 
 @pytest.mark.matrix
