@@ -52,7 +52,8 @@ class Pins:
         """A per-CPU array of __u64, summed over CPUs: one int per index."""
         m = self[name]
         n, vals = m.array_rows()
-        return [sum(vals[i * m.ncpu + c] for c in range(m.ncpu)) for i in range(n)]
+        words, k = memoryview(ffi.buffer(vals)).cast("Q"), m.ncpu
+        return [sum(words[i * k : (i + 1) * k]) for i in range(n)]
 
     def stats(self) -> dict[str, int]:
         per = self.counters("stats_map")

@@ -64,6 +64,12 @@ def _metric_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(NodeMetrics))
 
 
+@functools.cache
+def _metric_words() -> dict[str, int]:
+    """NodeMetrics field -> its __u64 word in struct node_metrics."""
+    return {n: ffi.offsetof("struct node_metrics", n) // 8 for n in _metric_names()}
+
+
 @dataclass(frozen=True)
 class NodeMetrics:
     """struct node_metrics, summed over CPUs (timestamp: the latest; cpu_util:
@@ -84,14 +90,14 @@ class NodeMetrics:
     def from_percpu(cls, vals: Any, base: int, ncpu: int) -> Self:
         words = memoryview(ffi.buffer(vals)).cast("Q")
         per = _NODE_METRICS_WORDS
-        if not any(words[base * per : (base + ncpu) * per]):
+        mine = words[base * per : (base + ncpu) * per]
+        if not any(mine):
             return cls()
-        acc = dict.fromkeys((f.name for f in fields(cls)), 0)
-        for c in range(ncpu):
-            v = vals[base + c]
-            for name in acc:
-                x = getattr(v, name)
-                acc[name] = max(acc[name], x) if name == "timestamp" else acc[name] + x
+        # column i of the per-CPU rows is the struct's word i (all fields are __u64)
+        acc = {
+            name: (max if name == "timestamp" else sum)(mine[i::per])
+            for name, i in _metric_words().items()
+        }
         acc["cpu_util"] //= max(ncpu, 1)
         return cls(**acc)
 
