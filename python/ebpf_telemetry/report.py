@@ -105,8 +105,8 @@ def as_text(snap: Snapshot, only: int | None) -> str:
         out.append(f"node {n} ({node_label(snap, n)}){last}")
         out.append(
             f"  rtt samples {m.rtt_count}  mean {m.rtt_mean or 0:.0f} us  "
-            f"p50 {p50 or 0:.0f} us  p99 {p99 or 0:.0f} us  retrans {m.retrans_count}  "
-            f"drops {m.drop_count}"
+            f"p50 {p50 or 0:.0f} us  p99 {p99 or 0:.0f} us  retrans {m.retrans_count}"
+            + (f"  drops {m.drop_count}" if n == HOST else "")  # drops count for the host only
         )
         out.extend(hist_bars(h))
     if only is None:
