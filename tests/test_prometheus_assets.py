@@ -80,7 +80,7 @@ GAUGES = {
     "ebpf_telemetry_collect_duration_seconds",
     "ebpf_telemetry_build_info",
 }
-HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
+HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_node_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
 SERIES_NAMES = (
     COUNTERS
     | GAUGES
@@ -195,6 +195,11 @@ class SampleCollector(Collector):
         yield rtt
         yield window
         assert sum(len(o) for o in s.rtt_us.values()) == len(everything)
+        host = HistogramMetricFamily(
+            "ebpf_node_tcp_rtt_seconds", "TCP smoothed RTT, all peers.", labels=["node"]
+        )
+        host.add_metric([NODE], histogram_buckets(everything), sum(everything) * 1e-6)
+        yield host
         retrans = CounterMetricFamily(
             "ebpf_tcp_retransmits", "TCP retransmits per peer.", labels=["node", "peer"]
         )
