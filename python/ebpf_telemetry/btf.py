@@ -96,7 +96,11 @@ def enum_values(btf: Any, name: str) -> dict[int, str]:
     tid = lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_ENUM)
     if tid <= 0:
         return {}
-    t = lib.btf__type_by_id(btf, tid)
+    return _members(btf, lib.btf__type_by_id(btf, tid))
+
+
+def _members(btf: Any, t: Any) -> dict[int, str]:
+    """value -> name of each member of the enum type t."""
     members = ffi.cast("struct btf_enum *", t + 1)
     return {
         members[i].val & 0xFFFFFFFF: ffi.string(
@@ -140,18 +144,16 @@ def _subsys_reason_name(value: int) -> str:
     SUBSYSTEM_code, the subsystem named by enum skb_drop_reason_subsys."""
     with vmlinux() as base:
         found = _drop_enum_member(base, value, 1)
-        for path in sorted(glob.glob(os.path.join(os.path.dirname(BTF_VMLINUX), "*"))):
+        modules = glob.glob(os.path.join(os.path.dirname(BTF_VMLINUX), "*"))
+        for path in sorted(m for m in modules if os.path.basename(m) != "vmlinux"):
             if found is not None:
                 break
-            if os.path.basename(path) == "vmlinux":
-                continue
             mod = lib.btf__parse_split(path.encode(), base)
-            if mod == ffi.NULL:
-                continue
-            try:
-                found = _drop_enum_member(mod, value, lib.btf__type_cnt(base))
-            finally:
-                lib.btf__free(mod)
+            if mod != ffi.NULL:
+                try:
+                    found = _drop_enum_member(mod, value, lib.btf__type_cnt(base))
+                finally:
+                    lib.btf__free(mod)
         subsys = enum_values(base, "skb_drop_reason_subsys").get(value >> SUBSYS_SHIFT)
     if found is not None:
         return found
@@ -167,12 +169,10 @@ def _drop_enum_member(btf: Any, value: int, first: int) -> str | None:
         if _kind(t) != BTF_KIND_ENUM:
             continue
         name = _name(btf, t)
-        if not name.endswith("_drop_reason") or name == "skb_drop_reason":
-            continue
-        members = ffi.cast("struct btf_enum *", t + 1)
-        for i in range(t.info & 0xFFFF):
-            if members[i].val & 0xFFFFFFFF == value:
-                return str(ffi.string(lib.btf__name_by_offset(btf, members[i].name_off)).decode())
+        if name.endswith("_drop_reason") and name != "skb_drop_reason":
+            found = _members(btf, t).get(value)
+            if found is not None:
+                return found
     return None
 
 
