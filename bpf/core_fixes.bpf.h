@@ -32,4 +32,16 @@ static __always_inline __s64 get_task_state(void *task)
 	return ((struct task_struct___o *)task)->state;
 }
 
+/* sched_info.last_queued (CONFIG_SCHED_INFO, every kernel we load on):
+ * non-zero while the scheduler itself counts the task's wait on a run queue;
+ * schedstat's run count (/proc/<tid>/schedstat, sched_info.pcount) counts the
+ * arrivals that had it set, and sched_switch fires before sched_info_arrive()
+ * clears it. Without the field (CONFIG_SCHED_INFO off) every arrival counts. */
+static __always_inline bool sched_counts_wait(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->sched_info.last_queued))
+		return t->sched_info.last_queued != 0;
+	return true;
+}
+
 #endif /* __CORE_FIXES_BPF_H */

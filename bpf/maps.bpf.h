@@ -70,14 +70,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } drop_subsys_map SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct cpu_time);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} cpu_time_map SEC(".maps");
-
 /* configured peers: CIDR -> node id, longest prefix wins */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -3,9 +3,8 @@
  * Run-queue latency (sched_wakeup, sched_wakeup_new, sched_switch): the time
  * from a task becoming runnable (woken, or preempted while running) to it
  * running, in node 0. The enqueue time lives in task storage (5.11).
- * CPU utilisation: sched_switch to or from the idle task (pid 0) splits each
- * CPU's time into idle and busy (cpu_time_map), from the first switch seen
- * on that CPU; userspace takes the ratio over its interval.
+ * CPU utilisation is not counted here: userspace reads the kernel's own
+ * accounting (python/ebpf_telemetry/cputime.py says why).
  */
 #ifndef __SCHED_BPF_H
 #define __SCHED_BPF_H
@@ -16,47 +15,6 @@
 #include "core_fixes.bpf.h"
 
 #define TASK_RUNNING 0
-
-static __always_inline void cpu_account(int prev_idle, int next_idle, __u64 now)
-{
-	__u32 zero = 0;
-	struct cpu_time *c;
-	struct node_metrics *m;
-	__u64 busy;
-
-	c = bpf_map_lookup_elem(&cpu_time_map, &zero);
-	if (!c)
-		return;
-	if (!c->since) {
-		/* the first switch this CPU shows us, whatever it is: from now
-		 * on its time is known (the loader makes every CPU switch once
-		 * at attach, so a CPU busy since before then counts at once) */
-		c->since = now;
-		c->idle = next_idle;
-		c->period_start = now;
-		c->period_busy = c->busy_ns;
-		return;
-	}
-	if (prev_idle == next_idle)
-		return;
-	if (prev_idle)
-		c->idle_ns += now - c->since;
-	else
-		c->busy_ns += now - c->since;
-	c->since = now;
-	c->idle = next_idle;
-	busy = c->busy_ns;
-	if (!c->period_start) {
-		c->period_start = now;
-		c->period_busy = busy;
-	} else if (now - c->period_start >= CPU_UTIL_PERIOD_NS) {
-		m = metrics(NODE_HOST);
-		if (m)
-			m->cpu_util = (busy - c->period_busy) * CPU_UTIL_SCALE / (now - c->period_start);
-		c->period_start = now;
-		c->period_busy = busy;
-	}
-}
 
 static __always_inline void record_runqlat(const struct settings *s, __u64 delta_ns, __u32 pid)
 {
@@ -104,7 +62,6 @@ static __always_inline int on_switch(bool preempt, struct task_struct *prev,
 
 	if (!s)
 		return 0;
-	cpu_account(prev->pid == 0, next->pid == 0, now);
 	/* preempted (whatever state it was about to sleep in) or still runnable */
 	if (prev->pid && (preempt || prev_state == TASK_RUNNING)) {
 		ts = bpf_task_storage_get(&task_enqueued, prev, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -115,7 +72,11 @@ static __always_inline int on_switch(bool preempt, struct task_struct *prev,
 		return 0;
 	ts = bpf_task_storage_get(&task_enqueued, next, 0, 0);
 	if (ts && *ts) {
-		record_runqlat(s, now - *ts, next->pid);
+		/* a wait the scheduler counts too: what it did not queue (woken
+		 * while still on its run queue, preempted on its way to sleep)
+		 * is no run-queue wait in schedstat, nor here */
+		if (sched_counts_wait(next))
+			record_runqlat(s, now - *ts, next->pid);
 		*ts = 0;
 	}
 	return 0;

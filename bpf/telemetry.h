@@ -19,8 +19,6 @@
 #define MAX_DROP_REASONS 1024  /* drop_reasons_map index: enum skb_drop_reason (core) */
 #define MAX_SUBSYS_DROP_REASONS 512 /* drop_subsys_map: reasons >= MAX_DROP_REASONS (6.4+) */
 #define DROP_REASON_UNKNOWN 1022 /* kernels whose kfree_skb passes no reason (< 5.17) */
-#define CPU_UTIL_PERIOD_NS 100000000
-#define CPU_UTIL_SCALE 10000   /* node_metrics.cpu_util: basis points of one CPU */
 
 /* event_type of struct telemetry_event */
 #define EVENT_RTT 1
@@ -54,7 +52,8 @@ struct node_metrics {
 	__u64 drop_count;
 	__u64 runqlat_sum;     /* microseconds */
 	__u64 runqlat_count;
-	__u32 cpu_util;
+	__u32 cpu_util;        /* unused since 0.2 (always 0): kept, pins of earlier
+	                          releases have this layout */
 	__u64 timestamp;       /* ktime (ns) of the node's last sampled RTT event */
 };
 
@@ -88,17 +87,6 @@ struct peer_info {
 	__u8 addr[ADDR_LEN];   /* PEER_AUTO: the address */
 	__u32 flags;
 	char name[PEER_NAME_LEN];
-};
-
-/* per-CPU time split by the idle task (sched_switch), for CPU utilisation */
-struct cpu_time {
-	__u64 idle_ns;
-	__u64 busy_ns;
-	__u64 since;           /* ktime of the last idle<->busy change, 0: unknown */
-	__u32 idle;            /* 1 while the idle task runs */
-	__u32 pad;
-	__u64 period_start;    /* node_metrics.cpu_util covers this CPU's last */
-	__u64 period_busy;     /* completed period of >= CPU_UTIL_PERIOD_NS */
 };
 
 /* the `events` consumer's lease: the kernel sends events only before `until` */

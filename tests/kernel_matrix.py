@@ -47,6 +47,9 @@ UP = "@@kernel-matrix: up"  # first line the inside run prints: the guest has bo
 # pytest is interrupted this long before a kernel's timeout and then has GRACE to
 # write its junit file (a BPF load the verifier rejects takes ~30 s under TCG)
 INTERRUPT_BEFORE, GRACE = 150, 120
+# emulated, the first pytest run is interrupted this long before the deadline,
+# so that the retry of what failed has room (a retry of 2-4 tests took 60-200 s)
+RETRY_RESERVE = 300
 KMSG = re.compile(r"\[\s*\d+\.\d+\] ")  # a kernel console line: to console.log only
 # the guest kernel crashed. Seen once in ~10 runs on 6.12 under TCG: "Oops: int3"
 # in ttwu_do_activate while a tracepoint's call site was being live-patched
@@ -81,9 +84,14 @@ def prepare_kernel() -> None:
             subprocess.run(["mount", "-t", fs, *opts, fs, where], check=False)
 
 
-def pytest_until(cmd: Sequence[str], deadline: float | None) -> tuple[int, bool]:
-    """Run pytest, interrupted at the deadline (epoch s); (exit code, interrupted)."""
+def pytest_until(
+    cmd: Sequence[str], deadline: float | None, emulated: bool = False
+) -> tuple[int, bool]:
+    """Run pytest, interrupted at the deadline (epoch s); (exit code, interrupted).
+    emulated: the tests are told (agentlab.EMULATED) to bound no wall-clock time."""
     env = {**os.environ, "EBPF_TELEMETRY_STRICT": "1"}
+    if emulated:
+        env["EBPF_TELEMETRY_EMULATED"] = "1"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     try:
         return proc.wait(None if deadline is None else max(deadline - time.time(), 1)), False
@@ -96,7 +104,7 @@ def pytest_until(cmd: Sequence[str], deadline: float | None) -> tuple[int, bool]
             return proc.wait(), True
 
 
-def inside(results: Path, pytest_args: list[str], deadline: float | None, retry: bool) -> int:
+def inside(results: Path, pytest_args: list[str], deadline: float | None, emulated: bool) -> int:
     print(UP, flush=True)
     prepare_kernel()
     summary: dict[str, Any] = {"kernel": platform.release()}
@@ -109,14 +117,15 @@ def inside(results: Path, pytest_args: list[str], deadline: float | None, retry:
     junit = f"--junitxml={results / 'junit.xml'}"
     pytest = [str(VENV_BIN / "pytest"), *pytest_args, "-p", "no:cacheprovider", junit]
     start = time.monotonic()
-    rc, interrupted = pytest_until(pytest, deadline)
+    first_deadline = deadline - RETRY_RESERVE if deadline is not None and emulated else deadline
+    rc, interrupted = pytest_until(pytest, first_deadline, emulated)
     summary |= {"pytest_rc": rc, "interrupted": interrupted}
-    again = not_passed(results / "junit.xml") if retry and rc == 1 and not interrupted else []
+    again = not_passed(results / "junit.xml") if emulated and rc == 1 and not interrupted else []
     if again:  # tests failed (rc 1), none interrupted: each failed one runs once more
         print(f"@@kernel-matrix: retrying {len(again)} failed test(s) once", flush=True)
         junit = f"--junitxml={results / RETRY_JUNIT}"
         cmd = [str(VENV_BIN / "pytest"), *again, "-p", "no:cacheprovider", junit]
-        rc, interrupted = pytest_until(cmd, deadline)
+        rc, interrupted = pytest_until(cmd, deadline, emulated)
         summary |= {"retried": again, "retry_rc": rc, "interrupted": interrupted}
     summary["tests_s"] = round(time.monotonic() - start, 1)
     (results / "inside.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -178,6 +187,7 @@ class Run:
     where: str  # host, kvm or tcg
     results: Path
     boot_s: float | None = None
+    wall_s: float | None = None  # fetch, boots (a crashed guest is booted twice) and tests
     problems: list[str] = field(default_factory=list)
     counts: dict[str, float] | None = None  # passed/failure/error/skipped, after the retry
     failed: list[Outcome] = field(default_factory=list)
@@ -200,13 +210,13 @@ def fresh_results(kernel: str) -> Path:
     return d
 
 
-def inside_cmd(results: Path, args: argparse.Namespace, retry: bool) -> list[str]:
+def inside_cmd(results: Path, args: argparse.Namespace, emulated: bool) -> list[str]:
     """This script inside, its tests interrupted INTERRUPT_BEFORE the kernel's timeout;
-    with retry, a test that fails runs once more."""
+    emulated (TCG): the tests are told so, and a test that fails runs once more."""
     deadline = f"--deadline={time.time() + args.timeout - INTERRUPT_BEFORE:.0f}"
     script = str(Path(__file__).resolve())
     pytest_args = f"--pytest-args={args.pytest_args}"
-    again = ["--retry"] if retry else []
+    again = ["--emulated"] if emulated else []
     return [str(PY), "-u", script, "--inside", str(results), pytest_args, deadline, *again]
 
 
@@ -293,7 +303,7 @@ def boot(release: str, vmlinuz: Path, args: argparse.Namespace) -> Run:
         "--overlay-rwdir", str(REPO),
         "--overlay-rwdir", "/root",
         *([] if kvm else ["--disable-kvm"]),
-        "--exec", shlex.join(inside_cmd(run.results, args, retry=not kvm)),
+        "--exec", shlex.join(inside_cmd(run.results, args, emulated=not kvm)),
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     rc = stream(cmd, run, args.timeout, env)
@@ -302,9 +312,16 @@ def boot(release: str, vmlinuz: Path, args: argparse.Namespace) -> Run:
     return run
 
 
+def timed(fn: Any, *args: Any) -> Run:
+    start = time.monotonic()
+    run: Run = fn(*args)
+    run.wall_s = time.monotonic() - start
+    return run
+
+
 def run_host(args: argparse.Namespace) -> Run:
     run = Run(platform.release(), "host", fresh_results(platform.release()))
-    stream(inside_cmd(run.results, args, retry=False), run, args.timeout, dict(os.environ))
+    stream(inside_cmd(run.results, args, emulated=False), run, args.timeout, dict(os.environ))
     run.boot_s = None  # no boot: UP came from a process start
     return run
 
@@ -400,7 +417,8 @@ def skip_notes(runs: Sequence[Run]) -> list[str]:
 def table(runs: Sequence[Run]) -> str:
     cells = [collector_cells(r) for r in runs]
     collectors = list(dict.fromkeys(k for c in cells for k in c)) or ["collectors"]
-    head = ["kernel", "vm", "boot s", "tests s", "pass", "fail", "err", "skip", *collectors]
+    head = ["kernel", "vm", "boot s", "tests s", "wall s", "pass", "fail", "err", "skip"]
+    head += collectors
     rows = [[*head, "result"]]
     for run, cell in zip(runs, cells, strict=True):
         c = run.counts
@@ -411,6 +429,7 @@ def table(runs: Sequence[Run]) -> str:
             run.where,
             f"{run.boot_s:.1f}" if run.boot_s is not None else "-",
             f"{tests_s:.1f}" if tests_s is not None else "-",
+            f"{run.wall_s:.0f}" if run.wall_s is not None else "-",
             *n,
             *(cell.get(k, "?") for k in collectors),
             "; ".join(run.problems or ["ok", *run.notes]),
@@ -443,23 +462,25 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kernels", default="host,6.1,6.12", help="host and/or Debian series (%(default)s)"
     )
-    p.add_argument("--timeout", type=float, default=600, help="seconds per kernel (%(default)s)")
+    p.add_argument(
+        "--timeout", type=float, default=1200, help="seconds per kernel boot (%(default)s)"
+    )
     p.add_argument("--memory", default="3G", help="guest memory (%(default)s)")
     p.add_argument("--inside", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--retry", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--emulated", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.inside:
-        return inside(args.inside, shlex.split(args.pytest_args), args.deadline, args.retry)
+        return inside(args.inside, shlex.split(args.pytest_args), args.deadline, args.emulated)
     kernels = args.kernels.split(",")
     unknown = [k for k in kernels if k != "host" and k not in SERIES]
     if unknown:
         raise SystemExit(f"kernel_matrix: unknown kernel series {', '.join(unknown)}")
-    runs = [run_host(args) if k == "host" else run_vm(k, args) for k in kernels]
+    runs = [timed(run_host, args) if k == "host" else timed(run_vm, k, args) for k in kernels]
     for run in runs:
         check(run)
     report = table(runs)

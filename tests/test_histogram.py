@@ -161,7 +161,7 @@ def test_kernel_slots_equal_python(kernel_slots, values: list[int]) -> None:  # 
 
 
 def test_window_after_a_reset_is_the_new_reading() -> None:
-    from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
+    from ebpf_telemetry.values import Hist, NodeMetrics
 
     old = Hist(tuple([5] * h.MAX_SLOTS))
     new = Hist(tuple([1] + [0] * (h.MAX_SLOTS - 1)))
@@ -170,7 +170,6 @@ def test_window_after_a_reset_is_the_new_reading() -> None:
     assert NodeMetrics(rtt_count=3, rtt_sum=30).since(NodeMetrics(rtt_count=9, rtt_sum=90)) == (
         NodeMetrics(rtt_count=3, rtt_sum=30)
     )
-    assert CpuTime(10, 30).utilization_since(CpuTime(100, 100)) == 0.75
 
 
 def test_event_json_lines_are_json() -> None:

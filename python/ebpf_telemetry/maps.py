@@ -11,7 +11,7 @@ from typing import Any, Self
 
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
-from ebpf_telemetry.values import STATS, CpuTime, Hist, NodeMetrics
+from ebpf_telemetry.values import STATS, Hist, NodeMetrics
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpf_telemetry"
 
@@ -75,22 +75,6 @@ class Pins:
         m = self["runqlat_hist_map"]
         _, vals = m.array_rows(1)
         return Hist.from_percpu(vals, 0, m.ncpu)
-
-    def cpu_time(self, now_ns: int) -> CpuTime:
-        """Idle and busy ns over all CPUs, the running stretch included up to now_ns."""
-        m = self["cpu_time_map"]
-        _, vals = m.array_rows(1)
-        idle = busy = 0
-        for c in range(m.ncpu):
-            v = vals[c]
-            idle += v.idle_ns
-            busy += v.busy_ns
-            if v.since and now_ns > v.since:
-                if v.idle:
-                    idle += now_ns - v.since
-                else:
-                    busy += now_ns - v.since
-        return CpuTime(idle, busy)
 
     def node_rows(self) -> tuple[dict[int, Hist], dict[int, NodeMetrics]]:
         """Every node's RTT histogram and metrics: three batch look-ups (the

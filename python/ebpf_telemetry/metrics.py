@@ -117,8 +117,8 @@ METRICS = _defs(
         "ebpf_cpu_utilization_ratio",
         "gauge",
         ("node",),
-        "Share of CPU time not spent in the idle task over the last interval, all CPUs (0..1).",
-        "sched_switch to/from pid 0 -> cpu_time_map busy/idle ns",
+        "Share of CPU time not idle (idle and iowait) over the last interval, all CPUs (0..1).",
+        "/proc/stat: the kernel's own per-CPU time accounting (cputime.py says why)",
     ),
     MetricDef(
         "ebpf_events_sampled_total",

@@ -119,6 +119,5 @@ def as_text(snap: Snapshot, only: int | None) -> str:
         out.extend(hist_bars(snap.runqlat))
         out.append("drops by reason")
         out.extend(f"  {name:>28} : {c}" for name, c in drops_by_name(snap).items())
-        out.append(f"cpu  busy last 100ms {host.cpu_util / 100:.1f}% of one CPU (per-CPU mean)")
     out.append("stats " + " ".join(f"{k}={v}" for k, v in snap.stats.items()))
     return "\n".join(out)

@@ -10,10 +10,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ebpf_telemetry import programs
+from ebpf_telemetry import cputime, programs
+from ebpf_telemetry.cputime import CpuTime
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.nodes import HOST, peer_names
-from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
+from ebpf_telemetry.values import Hist, NodeMetrics
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def take(pins: Pins) -> Snapshot:
         peers=peer_names(pins, settings),
         runqlat=pins.runqlat_hist(),
         drops=pins.drops(),
-        cpu=pins.cpu_time(now),
+        cpu=cputime.read(),
         misses={p.name: p.recursion_misses for p in programs.linked(pins.pin_dir).values()},
         seen=pins.seen(),
         max_peers=int(settings.max_peers),

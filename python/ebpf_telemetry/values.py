@@ -121,20 +121,6 @@ class NodeMetrics:
         return self.rtt_sum / self.rtt_count if self.rtt_count else None
 
 
-@dataclass(frozen=True)
-class CpuTime:
-    """CPU time split by the idle task, summed over CPUs, nanoseconds."""
-
-    idle_ns: int = 0
-    busy_ns: int = 0
-
-    def utilization_since(self, prev: CpuTime) -> float | None:
-        idle, busy = self.idle_ns - prev.idle_ns, self.busy_ns - prev.busy_ns
-        if idle < 0 or busy < 0:  # maps reset in between
-            idle, busy = self.idle_ns, self.busy_ns
-        return busy / (idle + busy) if idle + busy > 0 else None
-
-
 EVENT_TYPES = {1: "rtt", 2: "retrans", 3: "drop", 4: "runqlat"}
 
 # struct telemetry_event as struct sees it; checked against the compiled layout
