@@ -7,9 +7,7 @@ What `run` checks and prepares before it touches the kernel, and what
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 
 import structlog
 
@@ -101,23 +99,3 @@ def preflight() -> None:
     """What `run` checks before it touches anything: privileges, then BTF."""
     require_caps()
     btf.require_btf()
-
-
-# -- CPUs ---------------------------------------------------------------------------
-
-
-def visit_every_cpu() -> None:
-    """Run a thread on every CPU once, so that each goes through sched_switch:
-    CPU time is known from a CPU's first switch, and a CPU kept busy by one
-    task since before attach might not switch for hours."""
-
-    def visit(cpu: int) -> None:
-        with contextlib.suppress(OSError):  # a CPU this cpuset does not allow
-            os.sched_setaffinity(0, {cpu})  # this thread only: it moves there now
-            os.sched_yield()
-
-    threads = [threading.Thread(target=visit, args=(c,)) for c in range(os.cpu_count() or 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()

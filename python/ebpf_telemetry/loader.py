@@ -215,8 +215,6 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
                 _attach_one(obj, h, cfg.pin_dir)
             out[ch.name] = Running(ch.name, ch.variant.name, state, ch.why)
             log.info(state, collector=ch.name, variant=ch.variant.name)
-    if out["sched"].state == "attached":
-        host.visit_every_cpu()  # CPU time is counted from each CPU's first switch
     return [out[c.name] for c in plan.COLLECTORS]
 
 
