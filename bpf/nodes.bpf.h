@@ -41,7 +41,13 @@ static __always_inline void fold(const struct settings *s, struct peer_key *key)
 	w[3] &= m[3];
 }
 
-/* a new address takes an id from the free pool; none left: `other` */
+/* a new address takes an id from the free pool; none left: `other`.
+ * The address is claimed first (BPF_NOEXIST): of two CPUs adding one address
+ * at once, the loser has written nothing when it gives its id back, so an id
+ * is never both in the pool and described in peer_info_map (peertable.py
+ * checks that invariant every cycle, with the others). The winner describes
+ * its id right after; until then the id has no label, which userspace takes
+ * as an allocation in progress. */
 static __noinline __u32 peer_alloc(const struct settings *s, struct peer_key *key, __u32 *overflow)
 {
 	struct peer_info info = {};
@@ -49,11 +55,12 @@ static __noinline __u32 peer_alloc(const struct settings *s, struct peer_key *ke
 
 	if (bpf_map_pop_elem(&peer_free_map, &nid) || nid == 0 || nid > s->max_peers)
 		goto full;
-	__builtin_memcpy(info.addr, key->addr, ADDR_LEN);
-	info.flags = PEER_AUTO;
-	bpf_map_update_elem(&peer_info_map, &nid, &info, BPF_ANY);
-	if (bpf_map_update_elem(&peer_addr_map, key, &nid, BPF_NOEXIST) == 0)
+	if (bpf_map_update_elem(&peer_addr_map, key, &nid, BPF_NOEXIST) == 0) {
+		__builtin_memcpy(info.addr, key->addr, ADDR_LEN);
+		info.flags = PEER_AUTO;
+		bpf_map_update_elem(&peer_info_map, &nid, &info, BPF_ANY);
 		return nid;
+	}
 	/* another CPU added this address first: use its id, give ours back */
 	stat_inc(STAT_PEER_RACE);
 	bpf_map_push_elem(&peer_free_map, &nid, 0);

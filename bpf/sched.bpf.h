@@ -75,7 +75,10 @@ static __always_inline int on_switch(bool preempt, struct task_struct *prev,
 		/* a wait the scheduler counts too: what it did not queue (woken
 		 * while still on its run queue, preempted on its way to sleep)
 		 * is no run-queue wait in schedstat, nor here */
-		if (sched_counts_wait(next))
+		/* stamped on another CPU: clocks can disagree by a little, and a
+		 * negative wait would add ~1.8e10 s as a u64 (libbpf-tools'
+		 * runqlat guards it the same way) */
+		if (sched_counts_wait(next) && (__s64)(now - *ts) >= 0)
 			record_runqlat(s, now - *ts, next->pid);
 		*ts = 0;
 	}

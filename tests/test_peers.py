@@ -54,7 +54,7 @@ class Cycles:
 
     def close(self) -> None:
         self.pins.close()
-        self.agent.pins.close()
+        self.agent.close()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import time
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -20,7 +21,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, host, loader, nodes
+from ebpf_telemetry import exporter, host, loader, lock, peertable
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
@@ -73,9 +74,13 @@ class Agent:
         self.overrides = overrides
         self.signals = Signals()
         self.collector = TelemetryCollector(cfg)
+        self.table = peertable.Checker()
+        self.collector.repairs = self.table.repairs
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
+        self.lock_fd = -1
+        self.pins_ino: int | None = None
         self.writes = 0
         self.failed_writes = 0
         self.write_error: str | None = None  # the error of the failing streak, logged once
@@ -83,17 +88,42 @@ class Agent:
     def start(self) -> list[loader.Running]:
         host.preflight()
         exporter.preflight(self.cfg.textfile)
-        if self.cfg.listen_addr:  # a busy port fails here, before the kernel is touched
-            addr, port = self.cfg.listen_addr
-            exporter.serve(self.registry, addr, port)
-            log.info("listening", address=f"{addr}:{port}")
+        host.ensure_bpffs(self.cfg.pin_dir)
+        # one agent per pin dir, for the agent's lifetime: taken before any
+        # pin is read or written (a second agent would switch the table's mode,
+        # refill the pool beside this one's)
+        created = host.make_dir(self.cfg.pin_dir)
+        try:
+            self.lock_fd = lock.take(self.cfg.pin_dir, "an agent")
+            if self.cfg.listen_addr:  # a busy port fails here, before the kernel is touched
+                addr, port = self.cfg.listen_addr
+                exporter.serve(self.registry, addr, port)
+                log.info("listening", address=f"{addr}:{port}")
+        except TelemetryError:
+            if created:
+                os.rmdir(self.cfg.pin_dir)
+            raise
         state = loader.attach(self.cfg)
+        self.pins_ino = self._pins_ino()
         self.collector.collectors = state
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         return state
 
     def run(self, once: bool = False) -> int:
         self.signals.install()
+        try:
+            return self._loop(once)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The map fds and the pin dir's lock (another agent may start)."""
+        self.pins.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def _loop(self, once: bool) -> int:
         self.start()
         prev = take(self.pins)
         deadline = prev.monotonic + self.cfg.interval_seconds
@@ -108,25 +138,39 @@ class Agent:
                 continue
             prev, ok = self.cycle(prev)
             if once and not ok:
-                self.pins.close()
                 return 1
             deadline += self.cfg.interval_seconds
             if deadline < time.monotonic():  # fell behind: skip, don't burst
                 deadline = time.monotonic() + self.cfg.interval_seconds
             if once or self.signals.stop:
                 break
-        self.pins.close()
         log.info(
             "stopped", writes=self.writes, failed_writes=self.failed_writes, pins=self.cfg.pin_dir
         )
         return 0
 
+    def _pins_ino(self) -> int | None:
+        try:
+            return os.stat(os.path.join(self.cfg.pin_dir, "settings_map")).st_ino
+        except FileNotFoundError:
+            return None
+
     def cycle(self, prev: Snapshot) -> tuple[Snapshot, bool]:
+        if self._pins_ino() != self.pins_ino:  # `unload --force`, or a hand
+            # our map fds would go on reading counters nothing writes any more
+            raise TelemetryError(
+                f"the pins under {self.cfg.pin_dir} were removed or replaced while running; "
+                "exiting rather than exporting frozen counters"
+            )
         t0 = time.perf_counter()
         cur = take(self.pins)
+        mixed = self.table.check(self.pins, self.cfg)
+        if mixed:  # counts of two peers in one row: not exported, the ids retired
+            log.error("peer ids shared by two addresses; retired", ids=sorted(mixed))
+            cur = replace(cur, peers={i: p for i, p in cur.peers.items() if i not in mixed})
         window = Window(prev, cur)
         self.collector.update(window, time.perf_counter() - t0)
-        nodes.expire(self.pins, self.cfg, window.active(), cur.seen, time.time_ns())
+        peertable.expire(self.pins, self.cfg, window.active(), cur.seen, peertable.now_ns())
         try:
             exporter.write_textfile(self.cfg.textfile, self.registry)
             self.writes += 1
@@ -150,7 +194,7 @@ class Agent:
                 raise TelemetryError("listen needs a restart")
             if new.textfile != self.cfg.textfile:
                 exporter.preflight(new.textfile)
-            nodes.apply(self.pins, new)
+            peertable.apply(self.pins, new)
         except TelemetryError as e:
             log.error("config not reloaded; keeping the old one", error=str(e))
             return

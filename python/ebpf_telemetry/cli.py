@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
 
     un = sub.add_parser("unload", help="detach everything and remove the pins")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    un.add_argument("--force", action="store_true", help="even while an agent runs on them")
 
     doc = sub.add_parser("doctor", help="check that this machine can run the agent")
     doc.add_argument("--json", action="store_true", help="the verdict as one JSON object")
@@ -115,7 +116,7 @@ def cmd_events(a: argparse.Namespace) -> int:
 def cmd_unload(a: argparse.Namespace) -> int:
     from ebpf_telemetry import loader
 
-    removed = loader.unload(a.pin_dir)
+    removed = loader.unload(a.pin_dir, force=a.force)
     print(f"removed {len(removed)} pins from {a.pin_dir}")
     return 0
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from ebpf_telemetry import lock
 from ebpf_telemetry.binding import BpfError, check_ptr, ffi, lib, obj_get
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import EVENT_RECORD, EVENT_TYPES, TelemetryEvent
@@ -60,7 +61,14 @@ def ebt_ringbuf_cb(ctx: Any, data: Any, size: int) -> int:
 class EventReader:
     def __init__(self, pin_dir: str, on_event: Callable[[TelemetryEvent], bool]) -> None:
         PinnedMap(pin_dir, "events").close()  # checks it is our ring buffer
-        self.fd = obj_get(os.path.join(pin_dir, "events"))
+        # one consumer at a time: two would share one ring position, each
+        # seeing part of the events
+        self.lock_fd = lock.take(lock.events_dir(pin_dir), "an events consumer")
+        try:
+            self.fd = obj_get(os.path.join(pin_dir, "events"))
+        except BaseException:
+            os.close(self.lock_fd)
+            raise
         self.on_event = on_event
         self.handle = ffi.new_handle(self)
         self.rb = check_ptr(
@@ -86,6 +94,7 @@ class EventReader:
         self.lease.release()
         lib.ring_buffer__free(self.rb)
         os.close(self.fd)
+        os.close(self.lock_fd)
 
 
 def json_line(node: int, typ: int, value: int, ts: int, extra: int) -> str:

@@ -54,6 +54,18 @@ def ensure_bpffs(pin_dir: str) -> None:
         raise TelemetryError(f"pin dir {pin_dir} exists and is not a directory")
 
 
+def make_dir(path: str) -> bool:
+    """A root-only (0700) directory; whether it was made now."""
+    try:
+        os.mkdir(path, mode=0o700)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise TelemetryError(f"cannot create pin dir {path}: {e.strerror}") from None
+    os.chmod(path, 0o700)
+    return True
+
+
 def make_pin_dir(pin_dir: str) -> None:
     """The pin dir and its links/ dir, root-only (0700) when we create them."""
     try:

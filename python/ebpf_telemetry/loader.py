@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from ebpf_telemetry import facts, host, nodes, plan, programs
+from ebpf_telemetry import facts, host, lock, peertable, plan, programs
 from ebpf_telemetry.binding import BpfError, TelemetryError, captured, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.facts import KernelFacts
@@ -208,7 +208,7 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
             why = "; ".join(f"{r.collector}: {r.why}" for r in out.values())
             raise TelemetryError(f"no collector can run on this kernel: {why}")
         with Pins(cfg.pin_dir) as pins:  # programs count nothing until this is written
-            nodes.apply(pins, cfg)
+            peertable.apply(pins, cfg)
         for ch, obj, state in todo:
             assert ch.variant is not None
             for h in ch.variant.hooks:
@@ -255,11 +255,27 @@ def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
         lib.bpf_link__destroy(link)  # the pin keeps it attached
 
 
-def unload(pin_dir: str) -> list[str]:
-    """Detach every collector and remove every pin; what was removed."""
+def unload(pin_dir: str, force: bool = False) -> list[str]:
+    """Detach every collector and remove every pin; what was removed. Refused
+    while an agent holds the pin dir (force: all the same; the agent then
+    notices within one interval and exits non-zero)."""
     removed: list[str] = []
     if not os.path.isdir(pin_dir):
         raise TelemetryError(f"nothing pinned at {pin_dir}")
+    try:
+        held = lock.take(pin_dir, "an agent")
+    except lock.Busy as e:
+        if not force:
+            raise TelemetryError(f"{e}: stop it first (or unload --force)") from None
+        held = -1
+    try:
+        return _remove_pins(pin_dir, removed)
+    finally:
+        if held >= 0:
+            os.close(held)
+
+
+def _remove_pins(pin_dir: str, removed: list[str]) -> list[str]:
     links = os.path.join(pin_dir, "links")
     ours = [f"links/{tp}{s}" for c in plan.COLLECTORS for tp in c.tracepoints for s in ("", "-new")]
     ours += [*MAPS, *LEGACY_PINS]
@@ -268,7 +284,7 @@ def unload(pin_dir: str) -> list[str]:
         if os.path.lexists(path):
             os.unlink(path)
             removed.append(name)
-    for d in (links, pin_dir):
+    for d in (links, os.path.join(pin_dir, lock.EVENTS_DIR), pin_dir):
         try:
             os.rmdir(d)
         except FileNotFoundError:

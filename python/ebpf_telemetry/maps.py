@@ -98,7 +98,7 @@ class Pins:
         m.update(key, row)
 
     def seen(self) -> dict[int, int]:
-        """node id -> last activity (or retirement), CLOCK_REALTIME ns, where known."""
+        """node id -> last activity (or retirement), CLOCK_BOOTTIME ns, where known."""
         n, vals = self["peer_seen_map"].array_rows()
         return {i: int(vals[i]) for i in range(n) if vals[i]}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.histogram import cumulative, edge_slots, slot_lower
 from ebpf_telemetry.loader import Running
+from ebpf_telemetry.peertable import REPAIR_KINDS
 from ebpf_telemetry.snapshot import HOST, Window
 from ebpf_telemetry.values import EVENT_TYPES, Hist
 
@@ -164,6 +166,22 @@ METRICS = _defs(
         "stats_map[STAT_PEERS_EXPIRED] (the agent counts)",
     ),
     MetricDef(
+        "ebpf_peer_alloc_races_total",
+        "counter",
+        ("node",),
+        "Two CPUs added the same new address at once; the loser used the winner's id and "
+        "gave its own back (nothing is lost or mixed).",
+        "stats_map[STAT_PEER_RACE]",
+    ),
+    MetricDef(
+        "ebpf_peer_table_repairs_total",
+        "counter",
+        ("node", "kind"),
+        "Broken invariants of the automatic peer table found and repaired since the agent "
+        "started (peertable.py lists them); any is a bug to report.",
+        "the agent's check every cycle",
+    ),
+    MetricDef(
         "ebpf_telemetry_last_update_timestamp_seconds",
         "gauge",
         ("node",),
@@ -279,6 +297,7 @@ class TelemetryCollector(Collector):
         self.collectors: list[Running] = []  # what attach() made run
         self.window: Window | None = None
         self.collect_seconds = 0.0
+        self.repairs: Counter[str] = Counter()  # the peer table's, by kind (peertable.Checker)
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -368,10 +387,15 @@ class TelemetryCollector(Collector):
             ("ebpf_events_lost_total", "events_lost"),
             ("ebpf_peers_overflow_total", "peers_overflow"),
             ("ebpf_peers_expired_total", "peers_expired"),
+            ("ebpf_peer_alloc_races_total", "peer_race"),
         ):
             c = _counter(name)
             c.add_metric([n], st[key])
             yield c
+        repairs = _counter("ebpf_peer_table_repairs_total")
+        for kind in REPAIR_KINDS:
+            repairs.add_metric([n, kind], self.repairs[kind])
+        yield repairs
         in_use = sum(1 for i, label in w.cur.peers.items() if i != HOST and label != "other")
         for name, value in (
             ("ebpf_peers", float(in_use)),

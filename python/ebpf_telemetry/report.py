@@ -62,7 +62,7 @@ def _bar_row(s: int, c: int, top: int) -> str:
 def idle_seconds(snap: Snapshot, node: int) -> float | None:
     """Seconds since the peer's last activity the agent noted (automatic peers)."""
     seen = snap.seen.get(node)
-    return max(0.0, snap.wall - seen / 1e9) if seen and node in snap.peers else None
+    return max(0.0, (snap.boottime_ns - seen) / 1e9) if seen and node in snap.peers else None
 
 
 def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:

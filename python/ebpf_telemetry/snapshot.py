@@ -29,7 +29,8 @@ class Snapshot:
     drops: dict[int, int]  # enum skb_drop_reason value -> count
     cpu: CpuTime
     misses: dict[str, int]  # program -> runs the kernel skipped (recursion_misses)
-    seen: dict[int, int]  # node id -> last activity, CLOCK_REALTIME ns (automatic peers)
+    seen: dict[int, int]  # node id -> last activity, CLOCK_BOOTTIME ns (automatic peers)
+    boottime_ns: int  # when read, on the clock of `seen`
     max_peers: int
 
     def hist(self, node: int) -> Hist:
@@ -55,6 +56,7 @@ def take(pins: Pins) -> Snapshot:
         cpu=cputime.read(),
         misses={p.name: p.recursion_misses for p in programs.linked(pins.pin_dir).values()},
         seen=pins.seen(),
+        boottime_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME),
         max_peers=int(settings.max_peers),
     )
 

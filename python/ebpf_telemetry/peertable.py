@@ -1,0 +1,335 @@
+"""The peer table's one owner in userspace: every change to which id is which
+peer goes through here (the kernel's only part is handing out pool ids to
+new addresses, bpf/nodes.bpf.h).
+
+An id's life (automatic peers):
+    free (in peer_free_map) --kernel: new address--> live (PEER_AUTO, one
+    address in peer_addr_map) --expire(): idle--> retiring (PEER_RETIRING, no
+    address; the generation is bumped so no socket cache can still count it)
+    --expire(): GRACE later--> zeroed and free again (generation bumped, so
+    that sockets that overflowed to `other` look again).
+Configured peers (PEER_NAMED) are written by apply(), in two steps (retire,
+then hand over) so that no count of one peer ever shows under another.
+
+Invariants, checked every cycle by check() and repaired where broken (each
+repair counted by kind, ebpf_peer_table_repairs_total):
+  I1 every value of peer_addr_map is an id 1..max_peers, and no id is the
+     value of two addresses ("shared": two peers counted in one row);
+  I2 an id marked PEER_AUTO is the value of exactly its own address
+     ("ghost" when no address maps to it);
+  I3 an id that an address maps to is marked PEER_AUTO ("undescribed": the
+     kernel claims the address first and describes the id right after, so
+     this is also seen, harmlessly, mid-allocation);
+  I4 pool, live and retiring ids are disjoint, no id is twice in the pool,
+     and together they are every id 1..max_peers (checked when the pool is
+     read: at start, after a repair, and when the mode changes);
+  I5 no label twice: follows from I1 and I2 for automatic peers, from
+     config validation for named ones.
+A "shared" id's counts are mixed: its label is withheld from that cycle's
+export (so no mixed count reaches the textfile) and it is retired.
+Times (idle, grace) are CLOCK_BOOTTIME: a wall-clock step neither retires
+every peer nor starves the pool, and suspend counts as idle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebpf_telemetry.binding import TelemetryError, ffi, lib
+from ebpf_telemetry.config import RESERVED_PEER, Config
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.nodes import peer_key, prefix_mask
+
+# how long a program that read the old table may still be running: BPF
+# programs run for microseconds; this is a grace period, not a poll
+GRACE_SECONDS = 0.02
+REPAIR_KINDS = ("shared", "ghost", "undescribed", "pool_duplicate", "pool_in_use", "pool_missing")
+
+
+def now_ns() -> int:
+    """The clock of idleness and grace periods (peer_seen_map)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _info(flags: int, name: str = "", addr: bytes = b"") -> Any:
+    info = ffi.new("struct peer_info *")
+    info.flags = flags
+    info.name = name.encode()
+    if addr:
+        ffi.memmove(info.addr, addr, len(addr))
+    return info
+
+
+def _key(i: int) -> Any:
+    return ffi.new("__u32 *", i)
+
+
+# -- configured peers ---------------------------------------------------------------------
+
+
+def _named_ids(pins: Pins) -> dict[str, int]:
+    m = pins["peer_info_map"]
+    n, vals = m.array_rows()
+    return {
+        ffi.string(vals[i].name).decode(): i for i in range(n) if vals[i].flags & lib.PEER_NAMED
+    }
+
+
+def assign_ids(current: dict[str, int], wanted: list[str], max_peers: int) -> dict[str, int]:
+    """Keep the id of every name that stays; give new names the lowest free ids."""
+    kept = {n: i for n, i in current.items() if n in wanted and 1 <= i <= max_peers}
+    free = (i for i in range(1, max_peers + 1) if i not in kept.values())
+    return {n: kept[n] if n in kept else next(free) for n in wanted}
+
+
+def validate(pins: Pins, cfg: Config) -> None:
+    """What the maps cannot hold is refused before anything is written, so a
+    reload is applied whole or not at all."""
+    cidrs = sum(len(nets) for nets in cfg.peers.values())
+    room = pins["peer_cidr_map"].max_entries
+    if cidrs > room:
+        raise TelemetryError(f"{cidrs} peer CIDRs configured; the pinned table holds {room}")
+    have = pins["peer_info_map"].max_entries - 2
+    if cfg.max_peers != have:
+        raise TelemetryError(f"max_peers {cfg.max_peers}, the pinned table holds {have}")
+
+
+def apply(pins: Pins, cfg: Config) -> None:
+    """Write the configured peer table and settings, in two steps so that no
+    count of one peer ever shows under another:
+    1. ids that change hands lose their CIDRs (every id not kept by a named
+       peer when the mode is or becomes named; every id when automatic peers
+       start afresh), the generation is bumped: every socket cache is stale,
+       their traffic counts under `other` meanwhile;
+    2. after a grace period no program writes those ids any more: their
+       counters are zeroed, the new names and CIDRs written, the generation
+       bumped again. Entering automatic peers, the pool is filled with every
+       id, each one blank."""
+    validate(pins, cfg)
+    old = pins.settings()
+    info_map, cidr_map = pins["peer_info_map"], pins["peer_cidr_map"]
+    auto, was_auto = not cfg.peers, bool(old.auto_peers) and bool(old.generation)
+    current = _named_ids(pins)
+    ids = assign_ids(current, list(cfg.peers), cfg.max_peers)
+    wanted = {
+        bytes(ffi.buffer(k)): (k, node_id)
+        for name, node_id in ids.items()
+        for k in (peer_key(net) for net in cfg.peers[name])
+    }
+
+    # 1. retire
+    moving: set[int] = set()
+    if not (auto and was_auto):  # automatic peers that stay automatic keep their ids
+        _, infos = info_map.array_rows()
+        keep = {i for n, i in ids.items() if current.get(n) == i}
+        moving = {i for i in range(1, cfg.max_peers + 1) if infos[i].flags and i not in keep}
+        moving |= {i for i in ids.values() if i not in keep}
+        moving |= _forget_addresses(pins)
+    for k in list(cidr_map.keys("struct peer_key")):
+        have = int(cidr_map.lookup(k)[0])
+        if bytes(ffi.buffer(k)) not in wanted or have in moving:
+            cidr_map.delete(k)
+    for node_id in moving:
+        info_map.update(_key(node_id), _info(0))
+    generation = old.generation
+    if moving and old.generation:
+        generation += 1
+        write_settings(pins, cfg, auto and was_auto, generation)
+        time.sleep(GRACE_SECONDS)
+
+    # 2. hand over
+    for node_id in moving:
+        _blank(pins, node_id)
+    for name, node_id in ids.items():
+        info_map.update(_key(node_id), _info(lib.PEER_NAMED, name))
+    for k, node_id in wanted.values():
+        cidr_map.update(k, _key(node_id))
+    info_map.update(_key(cfg.max_peers + 1), _info(lib.PEER_OTHER, RESERVED_PEER))
+    if auto and not was_auto:
+        _fill_pool(pins, range(1, cfg.max_peers + 1))
+    write_settings(pins, cfg, auto, generation + 1)
+
+
+def _forget_addresses(pins: Pins) -> set[int]:
+    """Drop every kernel-allocated address and the free pool; the ids they held."""
+    addr_map = pins["peer_addr_map"]
+    ids = set()
+    for k in list(addr_map.keys("struct peer_key")):
+        v = addr_map.lookup(k)
+        if v is not None:
+            ids.add(int(v[0]))
+        addr_map.delete(k)
+    pins["peer_free_map"].drain()
+    return ids
+
+
+def _fill_pool(pins: Pins, ids: Iterable[int]) -> None:
+    pool = pins["peer_free_map"]
+    for i in ids:
+        pool.push(i)
+
+
+def _blank(pins: Pins, node_id: int) -> None:
+    """An id with no owner: counters, description and last activity zeroed."""
+    pins.zero_node(node_id)
+    pins["peer_info_map"].update(_key(node_id), _info(0))
+    pins["peer_seen_map"].update(_key(node_id), ffi.new("__u64 *", 0))
+
+
+def write_settings(pins: Pins, cfg: Config, auto: bool, generation: int) -> None:
+    s = ffi.new("struct settings *")
+    s.sample_rate = cfg.sample_rate
+    s.debug = int(cfg.debug_trace)
+    s.auto_peers = int(auto)
+    s.max_peers = cfg.max_peers
+    s.other_node = cfg.max_peers + 1
+    s.generation = generation
+    s.auto_prefix_v4 = cfg.auto_peer_prefix_v4
+    s.auto_prefix_v6 = cfg.auto_peer_prefix_v6
+    ffi.memmove(s.auto_mask_v4, prefix_mask(96 + cfg.auto_peer_prefix_v4), 16)
+    ffi.memmove(s.auto_mask_v6, prefix_mask(cfg.auto_peer_prefix_v6), 16)
+    pins["settings_map"].update(_key(0), s)
+
+
+def _bump_generation(pins: Pins, cfg: Config) -> None:
+    write_settings(pins, cfg, True, pins.settings().generation + 1)
+
+
+# -- automatic peers that come and go ---------------------------------------------------
+
+
+def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now: int) -> int:
+    """One step of the automatic peers' life, each agent cycle; `active`:
+    the ids whose counters moved in the last interval, `seen`: peer_seen_map
+    as the cycle's snapshot read it, `now`: now_ns(). Returns ids retired.
+
+    - an id in use notes its last activity (peer_seen_map); a time from the
+      future (a release that used CLOCK_REALTIME) starts its idle clock anew;
+    - an id idle for peer_idle_seconds is retired: its address leaves the
+      table and the generation is bumped (no socket cache can count it any
+      more), its label goes (its series leave the textfile);
+    - a retired id, once nothing can still write it (GRACE_SECONDS later, at
+      the next cycle at the earliest), is blanked and given back to the
+      pool, and the generation bumped: its next owner starts from 0 under
+      its own label, and sockets that overflowed to `other` look again."""
+    if cfg.peers:
+        return 0
+    info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
+    _, infos = info_map.array_rows()
+    idle_ns, grace_ns = int(cfg.peer_idle_seconds * 1e9), int(GRACE_SECONDS * 1e9)
+    retire, free = [], []
+    for i in range(1, cfg.max_peers + 1):
+        flags, last = infos[i].flags, seen.get(i, 0)
+        if flags & lib.PEER_AUTO and (i in active or not last or last > now):
+            seen_map.update(_key(i), ffi.new("__u64 *", now))
+        elif flags & lib.PEER_AUTO and now - last >= idle_ns:
+            retire.append(i)
+        elif flags & lib.PEER_RETIRING and (last > now or now - last >= grace_ns):
+            free.append(i)
+    if retire:
+        _retire(pins, cfg, retire, now)
+    for i in free:
+        _blank(pins, i)
+    if free:
+        _fill_pool(pins, free)
+        pins.add_expired(len(free))
+        _bump_generation(pins, cfg)
+    return len(retire)
+
+
+def _retire(pins: Pins, cfg: Config, ids: Iterable[int], now: int) -> None:
+    """Every address of these ids leaves the table; each id (1..max_peers)
+    is held back as retiring, and no socket cache may count it any more."""
+    addr_map, info_map = pins["peer_addr_map"], pins["peer_info_map"]
+    gone = set(ids)
+    for k in list(addr_map.keys("struct peer_key")):
+        v = addr_map.lookup(k)
+        if v is not None and int(v[0]) in gone:
+            addr_map.delete(k)
+    for i in sorted(gone):
+        if 1 <= i <= cfg.max_peers:
+            info_map.update(_key(i), _info(lib.PEER_RETIRING))
+            pins["peer_seen_map"].update(_key(i), ffi.new("__u64 *", now))
+    _bump_generation(pins, cfg)
+
+
+def owners(pins: Pins) -> dict[int, list[bytes]]:
+    """id -> the addresses peer_addr_map maps to it."""
+    addr_map = pins["peer_addr_map"]
+    out: dict[int, list[bytes]] = {}
+    for k in list(addr_map.keys("struct peer_key")):
+        v = addr_map.lookup(k)
+        if v is not None:
+            out.setdefault(int(v[0]), []).append(bytes(ffi.buffer(k.addr, 16)))
+    return out
+
+
+# -- invariants ----------------------------------------------------------------------------
+
+
+@dataclass
+class Checker:
+    """check() every cycle; repairs counted by kind since the agent started."""
+
+    repairs: Counter[str] = field(default_factory=Counter)
+    pool_checked: bool = False  # I4 needs the pool drained: at start and after a repair
+
+    def check(self, pins: Pins, cfg: Config) -> set[int]:
+        """Check and repair the automatic table; the ids whose counts are
+        mixed this cycle (withhold their labels from the export)."""
+        if cfg.peers:
+            return set()
+        max_peers, info_map = cfg.max_peers, pins["peer_info_map"]
+        addrs = owners(pins)
+        _, infos = info_map.array_rows()
+        shared = {i for i, a in addrs.items() if len(a) > 1 or not 1 <= i <= max_peers}
+        ghosts, undescribed = [], []
+        for i in range(1, max_peers + 1):
+            flags = infos[i].flags
+            if flags & lib.PEER_AUTO and i not in addrs:
+                ghosts.append(i)
+            elif i in addrs and i not in shared and not flags & lib.PEER_AUTO:
+                if flags & lib.PEER_RETIRING:
+                    shared.add(i)  # an address came back to a retiring id: start it afresh
+                else:
+                    undescribed.append(i)
+        for i in undescribed:  # as the kernel is about to write it
+            info_map.update(_key(i), _info(lib.PEER_AUTO, addr=addrs[i][0]))
+        for i in ghosts:
+            info_map.update(_key(i), _info(0))
+        if shared:  # mixed counts: retired now, blanked and freed after the grace
+            _retire(pins, cfg, shared, now_ns())
+        self._count("shared", len(shared))
+        self._count("ghost", len(ghosts))
+        self._count("undescribed", len(undescribed))
+        if shared or ghosts or not self.pool_checked:
+            self.check_pool(pins, cfg)
+        return shared
+
+    def check_pool(self, pins: Pins, cfg: Config) -> None:
+        """I4: drain the pool, wait out the grace (an id the kernel popped
+        just before is claimed by then), then give back each free id once.
+        Meanwhile (GRACE_SECONDS) a new address counts under `other`."""
+        pool = pins["peer_free_map"]
+        drained = pool.drain()
+        time.sleep(GRACE_SECONDS)
+        _, infos = pins["peer_info_map"].array_rows()
+        used = {i for i in range(1, cfg.max_peers + 1) if infos[i].flags} | set(owners(pins))
+        counts = Counter(drained)
+        keep = [i for i in dict.fromkeys(drained) if 1 <= i <= cfg.max_peers and i not in used]
+        missing = [i for i in range(1, cfg.max_peers + 1) if i not in used and i not in counts]
+        _fill_pool(pins, keep + missing)
+        self._count("pool_duplicate", sum(c - 1 for c in counts.values()))
+        self._count(
+            "pool_in_use", sum(1 for i in counts if i in used or not 1 <= i <= cfg.max_peers)
+        )
+        self._count("pool_missing", len(missing))
+        self.pool_checked = True
+
+    def _count(self, kind: str, n: int) -> None:
+        if n:
+            self.repairs[kind] += n
