@@ -11,10 +11,18 @@ from hypothesis import strategies as st
 
 from ebpf_telemetry import histogram as h
 
-U33 = st.integers(min_value=0, max_value=(1 << 33) - 1)
+# every value the slots resolve, up to the last slot's upper bound: derived
+# from the layout (a fixed 2^33 stopped at slot 247 once slots became 256)
+TOP = h.slot_upper(h.MAX_SLOTS - 1)
+VALUES = st.integers(min_value=0, max_value=TOP - 1)
 
 
-@given(U33)
+def test_the_values_drawn_reach_the_last_slot() -> None:
+    assert h.value_to_slot(TOP - 1) == h.MAX_SLOTS - 1
+    assert h.value_to_slot(h.slot_lower(h.MAX_SLOTS - 1) - 1) == h.MAX_SLOTS - 2
+
+
+@given(VALUES)
 def test_value_lies_in_its_slot(v: int) -> None:
     s = h.value_to_slot(v)
     assert 0 <= s < h.MAX_SLOTS
@@ -69,7 +77,7 @@ def test_edge_schemes_are_their_mantissas_times_powers_of_two(
     assert len(cuts) == len(mantissas) * 17  # 8 us .. 2^19 us (0.52 s): 17 powers of two
 
 
-@given(st.lists(U33, max_size=100), st.sampled_from(h.EDGE_SCHEMES))
+@given(st.lists(VALUES, max_size=100), st.sampled_from(h.EDGE_SCHEMES))
 def test_cumulative_counts_are_exact_at_every_edge(values: list[int], scheme: str) -> None:
     slots = [0] * h.MAX_SLOTS
     for v in values:
@@ -91,7 +99,7 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
     assert h.quantile(slots, 0.25, mean=1.0) == h.slot_lower(s)
 
 
-@given(st.lists(U33, min_size=1, max_size=200), st.floats(min_value=0.01, max_value=1.0))
+@given(st.lists(VALUES, min_size=1, max_size=200), st.floats(min_value=0.01, max_value=1.0))
 def test_quantile_within_bucket_of_true_quantile(values: list[int], q: float) -> None:
     slots = [0] * h.MAX_SLOTS
     for v in values:

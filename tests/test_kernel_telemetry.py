@@ -383,6 +383,7 @@ def test_no_consumer_sends_and_loses_nothing(make_config: Any) -> None:
     assert set(sent.values()) == {0} and after.stats["events_lost"] == 0, sent
 
 
+@pytest.mark.matrix
 def test_events_cli_gets_n_and_a_killed_one_stops_events(make_config: Any) -> None:
     with Netns("a") as a, Netns("b") as b:
         veth = veth_pair(a, b, v6=None)

@@ -182,6 +182,7 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
     host.ensure_bpffs(cfg.pin_dir)
     _check_existing(cfg)
     host.make_pin_dir(cfg.pin_dir)
+    _remove_stray_links(cfg.pin_dir)
     out: dict[str, Running] = {}
     with contextlib.ExitStack() as objects:
         todo: list[tuple[plan.Choice, Any, str]] = []
@@ -216,6 +217,18 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
             out[ch.name] = Running(ch.name, ch.variant.name, state, ch.why)
             log.info(state, collector=ch.name, variant=ch.variant.name)
     return [out[c.name] for c in plan.COLLECTORS]
+
+
+def _remove_stray_links(pin_dir: str) -> None:
+    """links/<tp>-new pins that an upgrade killed between pin and rename
+    left: each keeps a program attached beside the one under links/<tp>,
+    counting every event twice. Removed before any collector is judged."""
+    for c in plan.COLLECTORS:
+        for tp in c.tracepoints:
+            stray = link_path(pin_dir, tp) + "-new"
+            if os.path.lexists(stray):
+                os.unlink(stray)
+                log.warning("stray link removed (an interrupted upgrade)", link=stray)
 
 
 def _program(obj: Any, name: str) -> Any:
