@@ -33,6 +33,7 @@ import export
 import hooks
 import latency
 import probes
+import tablecheck
 import userspace
 from bpfstats import stats_sysctl
 from report import Report, fmt, ratio
@@ -130,6 +131,20 @@ def run_userspace(r: Report, plan: Plan) -> None:
     r.target("agent RSS", ag.rss_mb, "MB", 60.0)
     r.target("agent CPU", ag.cpu_pct, "%", 1.0)
     run_export(r)
+    run_tablecheck(r, plan)
+
+
+def run_tablecheck(r: Report, plan: Plan) -> None:
+    s = "3c. the peer table's invariant check, every id live"
+    costs = tablecheck.measure((255, 4094), plan.cycles)
+    r.add("table_check", costs)
+    for c in costs:
+        r.row(
+            s,
+            f"{c.peers} peers",
+            f"median {c.median_ms:.1f} ms, p95 {c.p95_ms:.1f} ms per cycle; "
+            f"first check with the pool {c.pool_check_ms:.1f} ms",
+        )
 
 
 def run_export(r: Report) -> None:

@@ -103,6 +103,23 @@ def test_race_end_state_is_repaired_not_freed_twice(make_config: Any) -> None:
         assert table.check(pins, cfg) == set() and sum(table.repairs.values()) == 2
 
 
+def test_a_refill_killed_halfway_loses_no_id(make_config: Any) -> None:
+    """An agent killed while filling the pool (entering automatic peers)
+    left it half full: the release before never looked again, so those ids
+    were lost until an unload. The next agent's first check refills it."""
+    cfg = make_config(max_peers=MAX)
+    with attach(cfg) as pins:
+        pool = pins["peer_free_map"]
+        pool.drain()
+        for i in range(1, MAX // 2 + 1):  # where the kill came
+            pool.push(i)
+        table = peertable.Checker()
+        table.check(pins, cfg)
+        assert table.repairs == Counter(pool_missing=MAX // 2), table.repairs
+        assert_invariants(pins, cfg)
+
+
+@pytest.mark.matrix
 def test_a_shared_id_never_reaches_the_textfile(make_config: Any, lab: Any) -> None:
     """Two addresses mapped to one id (what the duplicate pool id of an earlier
     release led to): that id's counts are mixed, so its label is withheld,

@@ -259,12 +259,10 @@ def _retire(pins: Pins, cfg: Config, ids: Iterable[int], now: int) -> None:
 
 def owners(pins: Pins) -> dict[int, list[bytes]]:
     """id -> the addresses peer_addr_map maps to it."""
-    addr_map = pins["peer_addr_map"]
+    n, keys, vals = pins["peer_addr_map"].hash_rows("struct peer_key")
     out: dict[int, list[bytes]] = {}
-    for k in list(addr_map.keys("struct peer_key")):
-        v = addr_map.lookup(k)
-        if v is not None:
-            out.setdefault(int(v[0]), []).append(bytes(ffi.buffer(k.addr, 16)))
+    for i in range(n):
+        out.setdefault(int(vals[i]), []).append(bytes(ffi.buffer(keys[i].addr, 16)))
     return out
 
 

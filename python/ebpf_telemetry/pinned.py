@@ -114,6 +114,20 @@ class PinnedMap:
         return int(cnt[0]), vals
 
 
+    def hash_rows(self, ktype: str) -> tuple[int, Any, Any]:
+        """Every element of a hash map, one batch call (5.6): (n, keys, values)."""
+        n = self.max_entries
+        keys, vals = ffi.new(f"{ktype}[]", n), self.new_values(n)
+        cnt, batch = ffi.new("__u32 *", n), ffi.new("__u32 *")
+        opts = ffi.new(
+            "struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")}
+        )
+        ret = lib.bpf_map_lookup_batch(self.fd, ffi.NULL, batch, keys, vals, cnt, opts)
+        if ret < 0 and ffi.errno != 2:  # ENOENT: reached the end, cnt is valid
+            raise BpfError(f"batch lookup in {self.path}", ffi.errno)
+        return int(cnt[0]), keys, vals
+
+
 def map_info(fd: int) -> Any:
     info = ffi.new("struct bpf_map_info *")
     ln = ffi.new("__u32 *", ffi.sizeof("struct bpf_map_info"))
