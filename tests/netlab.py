@@ -49,9 +49,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypeAlias, TypeVar
 
+import pyroute2.config
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.diag import DiagSocket
+
+# pyroute2 waits 2 s for the helper process that creates a namespace (a new
+# Python that imports pyroute2): under an emulated CPU on a busy host the
+# first one took longer (seen on 6.1 under TCG: TimeoutError in Netns())
+pyroute2.config.default_communicate_timeout = 60
 
 __all__ = [
     "DelayLine",
