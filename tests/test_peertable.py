@@ -223,7 +223,6 @@ def agent(pin_dir: str, tmp_path: Path) -> Iterator[AgentProc]:
     proc.kill()
 
 
-@pytest.mark.matrix
 def test_a_second_agent_is_refused_before_touching_anything(
     agent: AgentProc, pin_dir: str, tmp_path: Path
 ) -> None:
@@ -238,7 +237,6 @@ def test_a_second_agent_is_refused_before_touching_anything(
     assert not (tmp_path / "b.prom").exists()
 
 
-@pytest.mark.matrix
 def test_unload_under_an_agent_is_refused_then_forced_and_noticed(
     agent: AgentProc, pin_dir: str
 ) -> None:
