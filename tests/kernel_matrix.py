@@ -84,6 +84,26 @@ def prepare_kernel() -> None:
             subprocess.run(["mount", "-t", fs, *opts, fs, where], check=False)
 
 
+# Under TCG, keep every tracepoint we hook enabled, with two programs on it,
+# for the guest's whole life: two agents' pins (`run --once` leaves its links
+# pinned). The guest then never live-patches a hook's call site while the
+# tests attach and detach: the static key stays on, and the tracepoint's
+# static call stays on its iterator (it is re-patched whenever the count of
+# programs on a tracepoint goes between one and more). Such patching
+# (text_poke_bp) is what crashed 6.12 under multi-threaded TCG ("Oops: int3"
+# in ttwu_do_activate, at trace_sched_wakeup), twice in one run on a busy
+# host: a vCPU ran the int3 after the patch was complete.
+KEEPERS = ("/sys/fs/bpf/ebt-matrix-keep-a", "/sys/fs/bpf/ebt-matrix-keep-b")
+
+
+def keep_hooks_enabled(results: Path) -> None:
+    for pin_dir in KEEPERS:
+        textfile = results / f"{Path(pin_dir).name}.prom"
+        cmd = [str(PY), "-m", "ebpf_telemetry", "run", "--once", "--interval", "1",
+               "--pin-dir", pin_dir, "--textfile", str(textfile)]  # fmt: skip
+        subprocess.run(cmd, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
+
+
 def pytest_until(
     cmd: Sequence[str], deadline: float | None, emulated: bool = False
 ) -> tuple[int, bool]:
@@ -114,6 +134,8 @@ def inside(results: Path, pytest_args: list[str], deadline: float | None, emulat
     summary["doctor_json_rc"] = save([*doctor, "--json"], results / "doctor.json")
     if importlib.util.find_spec("ebpf_telemetry.facts") is not None:
         save([str(PY), "-m", "ebpf_telemetry.facts"], results / "facts.json")
+    if emulated:
+        keep_hooks_enabled(results)
     junit = f"--junitxml={results / 'junit.xml'}"
     pytest = [str(VENV_BIN / "pytest"), *pytest_args, "-p", "no:cacheprovider", junit]
     start = time.monotonic()
