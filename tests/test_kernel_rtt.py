@@ -237,11 +237,17 @@ def test_debug_trace_goes_to_trace_pipe(make_config: Any, lab: Any) -> None:
         pytest.skip("tracefs not mounted")
     with open(trace, "w"):
         pass  # clear the (non-consuming) trace buffer
-    with attach(make_config(debug_trace=True, peers={"b": [f"{veth.v4_b}/32"]})) as pins:
-        node = peer_id(take(pins), "b")
-        exchange(a, b, veth.v4_b, 5)
-    with open(trace) as f:
-        lines = [x for x in f if f"RTT event - Node: {node}, Value: " in x]
+    on = Path("/sys/kernel/tracing/tracing_on")
+    was = on.read_text().strip()
+    on.write_text("1")  # the buffer records only while on (another tool may have turned it off)
+    try:
+        with attach(make_config(debug_trace=True, peers={"b": [f"{veth.v4_b}/32"]})) as pins:
+            node = peer_id(take(pins), "b")
+            exchange(a, b, veth.v4_b, 5)
+        with open(trace) as f:
+            lines = [x for x in f if f"RTT event - Node: {node}, Value: " in x]
+    finally:
+        on.write_text(was)
     assert lines and lines[0].rstrip().endswith(" us")
 
 
