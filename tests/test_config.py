@@ -110,7 +110,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (["run", "--config", "/nonexistent.toml", "--once"], "No such file"),
         (["inspect", "--pin-dir", "/sys/fs/bpf/ebt-does-not-exist"], "nothing pinned"),
-        (["unload", "--pin-dir", "/sys/fs/bpf/ebt-does-not-exist"], "nothing pinned"),
         (["events", "--pin-dir", "/sys/fs/bpf/ebt-does-not-exist"], "nothing pinned"),
     ],
 )

@@ -443,6 +443,39 @@ def test_inspect_missing_pin_dir() -> None:
     assert not os.path.exists("/sys/fs/bpf/ebt-does-not-exist")
 
 
+def test_unload_refuses_a_dir_off_bpffs(tmp_path: Path) -> None:
+    """A mistyped --pin-dir: ordinary files named like our pins are not ours."""
+    d = tmp_path / "x"
+    (d / "links").mkdir(parents=True)
+    (d / "events").write_text("an ordinary file\n")
+    (d / "links" / "sched_switch").write_text("also ordinary\n")
+    r = cli("unload", "--pin-dir", str(d))
+    assert "is not on a BPF filesystem; nothing deleted" in one_error_line(r)
+    assert (d / "events").read_text() == "an ordinary file\n"
+    assert (d / "links" / "sched_switch").exists()
+
+
+def test_unload_is_idempotent(pin_dir: str) -> None:
+    """Uninstall scripts re-run: a missing or empty pin dir is exit 0."""
+    for _ in range(2):  # missing, then missing again
+        r = cli("unload", "--pin-dir", pin_dir)
+        assert (r.returncode, r.stdout.strip()) == (0, f"nothing to unload at {pin_dir}"), r
+    os.makedirs(os.path.join(pin_dir, "links"), mode=0o700)  # what a crash at start leaves
+    r = cli("unload", "--pin-dir", pin_dir)
+    assert (r.returncode, r.stdout.strip()) == (0, f"nothing to unload at {pin_dir}"), r
+    assert not os.path.exists(pin_dir)
+
+
+def test_unload_refuses_a_bpffs_dir_without_our_pins(pin_dir: str) -> None:
+    os.makedirs(pin_dir, mode=0o700)
+    bpftool_map(f"{pin_dir}/someone_elses", "type", "array", "key", "4", "value", "8",
+                "entries", "1", "name", "someone_elses")  # fmt: skip
+    r = cli("unload", "--pin-dir", pin_dir)
+    assert "holds no ebpf-telemetry pins; nothing deleted" in one_error_line(r)
+    assert os.listdir(pin_dir) == ["someone_elses"]
+    os.unlink(f"{pin_dir}/someone_elses")
+
+
 def bpftool_map(path: str, *spec: str) -> None:
     subprocess.run(["bpftool", "map", "create", path, *spec], check=True)
 

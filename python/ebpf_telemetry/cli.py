@@ -116,7 +116,10 @@ def cmd_unload(a: argparse.Namespace) -> int:
     from ebpf_telemetry import loader
 
     removed = loader.unload(a.pin_dir)
-    print(f"removed {len(removed)} pins from {a.pin_dir}")
+    if removed:
+        print(f"removed {len(removed)} pins from {a.pin_dir}")
+    else:
+        print(f"nothing to unload at {a.pin_dir}")
     return 0
 
 

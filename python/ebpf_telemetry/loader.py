@@ -255,19 +255,31 @@ def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
         lib.bpf_link__destroy(link)  # the pin keeps it attached
 
 
+def our_pins() -> list[str]:
+    """Every name we pin under a pin dir (links, maps, pins of earlier releases)."""
+    tps = [tp for c in plan.COLLECTORS for tp in c.tracepoints]
+    return [*(f"links/{tp}{s}" for tp in tps for s in ("", "-new")), *MAPS, *LEGACY_PINS]
+
+
 def unload(pin_dir: str) -> list[str]:
-    """Detach every collector and remove every pin; what was removed."""
-    removed: list[str] = []
-    if not os.path.isdir(pin_dir):
-        raise TelemetryError(f"nothing pinned at {pin_dir}")
+    """Detach every collector and remove every pin; what was removed ([] when
+    there is nothing to unload: no pin dir, or an empty one).
+
+    Acts only on a directory on bpffs that holds our pins (or nothing): the
+    filesystem is checked first, so a mistyped --pin-dir deletes nothing."""
+    if not os.path.lexists(pin_dir):
+        return []
+    if not host.on_bpffs(pin_dir):
+        raise TelemetryError(f"{pin_dir} is not on a BPF filesystem; nothing deleted")
+    if os.path.islink(pin_dir) or not os.path.isdir(pin_dir):
+        raise TelemetryError(f"{pin_dir} is not a directory; nothing deleted")
     links = os.path.join(pin_dir, "links")
-    ours = [f"links/{tp}{s}" for c in plan.COLLECTORS for tp in c.tracepoints for s in ("", "-new")]
-    ours += [*MAPS, *LEGACY_PINS]
-    for name in ours:
-        path = os.path.join(pin_dir, name)
-        if os.path.lexists(path):
-            os.unlink(path)
-            removed.append(name)
+    present = [n for n in our_pins() if os.path.lexists(os.path.join(pin_dir, n))]
+    foreign = set(os.listdir(pin_dir)) - {n.split("/")[0] for n in present} - {"links"}
+    if not present and foreign:
+        raise TelemetryError(f"{pin_dir} holds no ebpf-telemetry pins; nothing deleted")
+    for name in present:
+        os.unlink(os.path.join(pin_dir, name))
     for d in (links, pin_dir):
         try:
             os.rmdir(d)
@@ -275,4 +287,4 @@ def unload(pin_dir: str) -> list[str]:
             pass
         except OSError as e:
             raise TelemetryError(f"{d}: {e.strerror} (pins not ours are left alone)") from None
-    return removed
+    return present
