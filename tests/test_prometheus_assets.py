@@ -37,6 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from ebpf_telemetry.histogram import le_seconds
 from promstack import (
     PROMETHEUS_NAMES,
     PROMTOOL_NAMES,
@@ -90,7 +91,7 @@ METRIC_RE = re.compile(r"\bebpf_[a-z0-9_]+\b")
 RECORD_RE = re.compile(r"^[a-z][a-z_]*:[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
 
 # le bounds as the agent writes them: powers of two of microseconds, in seconds
-# (repr() is Go's shortest float format for these values, as floatToGoString).
+# (le_seconds: the canonical string of each edge).
 LE_US = [2**k for k in range(27)]  # 1 us .. 67.1 s
 
 
@@ -162,7 +163,7 @@ class Sample:
 
 
 def histogram_buckets(observations_us: list[int]) -> list[tuple[str, float]]:
-    buckets = [(repr(le * 1e-6), float(sum(1 for v in observations_us if v <= le))) for le in LE_US]
+    buckets = [(le_seconds(le), float(sum(1 for v in observations_us if v <= le))) for le in LE_US]
     buckets.append(("+Inf", float(len(observations_us))))
     return buckets
 

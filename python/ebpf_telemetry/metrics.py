@@ -20,11 +20,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.config import Config
-from ebpf_telemetry.histogram import cumulative, edge_slots, slot_lower
+from ebpf_telemetry.histogram import cumulative, edge_slots, le_seconds, slot_lower
 from ebpf_telemetry.loader import Running
 from ebpf_telemetry.snapshot import HOST, Window
 from ebpf_telemetry.values import EVENT_TYPES, Hist
@@ -203,11 +202,6 @@ METRICS = _defs(
 )
 
 
-def _go(x: float) -> str:
-    """A float as Prometheus writes it (le and quantile labels)."""
-    return str(floatToGoString(x))  # type: ignore[no-untyped-call]
-
-
 @dataclass(frozen=True)
 class Buckets:
     """The exported edges of a histogram: the kernel slots they start, and
@@ -219,7 +213,7 @@ class Buckets:
     @classmethod
     def of(cls, scheme: str, low_seconds: float, high_seconds: float) -> Buckets:
         cuts = edge_slots(scheme, low_seconds, high_seconds)
-        return cls(cuts, tuple(_go(slot_lower(s) * US) for s in cuts))
+        return cls(cuts, tuple(le_seconds(slot_lower(s)) for s in cuts))
 
 
 # run-queue latency: every power of two from 1 us to 2^26 us (67 s)
