@@ -349,7 +349,7 @@ def test_full_disk_keeps_previous_textfile_and_recovers(
     assert "textfile written again" in log
 
 
-@pytest.mark.parametrize("kind", ["directory", "symlink", "readonly"])
+@pytest.mark.parametrize("kind", ["directory", "symlink", "readonly", "missing-dir"])
 def test_bad_textfile_path_fails_at_start(kind: str, pin_dir: str, tmp_path: Path) -> None:
     target = tmp_path / "elsewhere.prom"
     target.write_text("untouched\n")
@@ -362,14 +362,18 @@ def test_bad_textfile_path_fails_at_start(kind: str, pin_dir: str, tmp_path: Pat
             tf = tmp_path / "link.prom"
             tf.symlink_to(target)
             want = "is a symlink; refusing to follow it"
-        else:
+        elif kind == "readonly":
             ro = stack.enter_context(tmpfs(tmp_path / "ro", "ro,size=64k"))
             tf = ro / "t.prom"
             want = "read-only filesystem"
+        else:  # a typo: the directory is not created, node_exporter would never read it
+            tf = tmp_path / "nodir" / "t.prom"
+            want = f"textfile directory {tmp_path / 'nodir'} does not exist"
         r = cli("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,
                 "--textfile", str(tf))  # fmt: skip
         assert want in one_error_line(r)
     assert target.read_text() == "untouched\n"
+    assert not os.path.exists(tmp_path / "nodir")
     assert not os.path.exists(pin_dir)  # failed before loading anything
 
 
