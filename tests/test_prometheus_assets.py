@@ -71,6 +71,7 @@ COUNTERS = {
     "ebpf_events_sampled_total",
     "ebpf_events_lost_total",
     "ebpf_peers_overflow_total",
+    "ebpf_bpf_misses_total",
 }
 GAUGES = {
     "ebpf_rtt_p50_milliseconds",
@@ -80,6 +81,9 @@ GAUGES = {
     "ebpf_telemetry_last_update_timestamp_seconds",
     "ebpf_telemetry_collect_duration_seconds",
     "ebpf_telemetry_build_info",
+    "ebpf_telemetry_interval_seconds",
+    "ebpf_collector_up",
+    "ebpf_config_last_reload_successful",
 }
 HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_node_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
 SERIES_NAMES = (
@@ -237,14 +241,24 @@ class SampleCollector(Collector):
         for name, value in (
             ("ebpf_telemetry_last_update_timestamp_seconds", s.timestamp),
             ("ebpf_telemetry_collect_duration_seconds", 0.003),
+            ("ebpf_telemetry_interval_seconds", 5.0),
+            ("ebpf_config_last_reload_successful", 1.0),
         ):
             g = GaugeMetricFamily(name, "Agent self-monitoring.", labels=["node"])
             g.add_metric([NODE], value)
             yield g
-        info = GaugeMetricFamily(
-            "ebpf_telemetry_build_info", "Version and kernel.", labels=["version", "kernel"]
+        misses = CounterMetricFamily("ebpf_bpf_misses", "Runs skipped.", labels=["node", "program"])
+        misses.add_metric([NODE, "handle_tcp_probe"], 0)
+        yield misses
+        up = GaugeMetricFamily(
+            "ebpf_collector_up", "Collectors.", labels=["node", "collector", "variant"]
         )
-        info.add_metric(["0.1.0", "6.18.0-test"], 1)
+        up.add_metric([NODE, "rtt", "tcp_probe_tp_btf"], 1)
+        yield up
+        info = GaugeMetricFamily(
+            "ebpf_telemetry_build_info", "Version and kernel.", labels=["node", "version", "kernel"]
+        )
+        info.add_metric([NODE, "0.1.0", "6.18.0-test"], 1)
         yield info
 
 
@@ -319,9 +333,13 @@ def test_rules_follow_conventions_and_use_our_metrics() -> None:
         "EbpfTcpRetransmitRatioHigh",
         "EbpfPacketDropSurge",
         "EbpfTelemetryStale",
+        "EbpfPeersOverflow",
+        "EbpfCollectorDown",
+        "EbpfBpfMisses",
+        "EbpfTelemetryConfigReloadFailed",
     } <= alert_names
     stale = next(a for a in alerts if a["alert"] == "EbpfTelemetryStale")
-    assert "> 3 * 5" in stale["expr"]
+    assert "> 3 * (" in stale["expr"] and "ebpf_telemetry_interval_seconds" in stale["expr"]
 
 
 def test_rules_test_covers_every_rule() -> None:
@@ -574,7 +592,7 @@ def test_node_exporter_serves_the_textfile(live: Live) -> None:
     peers = {s.labels["peer"] for s in families["ebpf_tcp_rtt_seconds"].samples}
     assert peers == {"node-b", "10.0.0.7", "other"}
     info = families["ebpf_telemetry_build_info"].samples[0]
-    assert info.value == 1 and set(info.labels) == {"version", "kernel"}
+    assert info.value == 1 and set(info.labels) == {"node", "version", "kernel"}
 
 
 def test_prometheus_answers_histogram_quantile(live: Live) -> None:

@@ -259,11 +259,18 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         TcpEchoServer(b, extra) as s2,
         TcpPingPong(a, [(veth.v4_b, s1.port), (extra, s2.port)]) as pp,
     ):
+        started = time.time()
         agents.append(agent := AgentProc(cfg, pin_dir, tf))
         agent.wait_write()
+        text = tf.read_text()
+        assert value(text, "ebpf_telemetry_interval_seconds", node=socket.gethostname()) == INTERVAL
+        assert value(text, "ebpf_config_last_reload_successful") == 1
+        loaded = value(text, "ebpf_config_last_reload_success_timestamp_seconds") or 0.0
+        assert loaded >= started
         pp.run(300)
         wait_until(lambda: min(rtt_count(tf, "keep"), rtt_count(tf, "move")) >= 300, 10)
         keep0 = rtt_count(tf, "keep")
+        hup = time.time()
 
         # `move` renamed (its id changes hands: starts from zero), a's address added
         toml(tmp_path, peers_toml({"keep": [f"{veth.v4_b}/32"], "renamed": [f"{extra}/32"],
@@ -273,6 +280,9 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         ts = agent.wait_write(after=time.time())
         text = tf.read_text()
         assert value(text, "ebpf_tcp_rtt_seconds_count", peer="move") is None
+        assert value(text, "ebpf_config_last_reload_successful") == 1
+        reloaded = value(text, "ebpf_config_last_reload_success_timestamp_seconds") or 0.0
+        assert reloaded >= hup > loaded
         assert rtt_count(tf, "keep") >= keep0  # not reset
         assert rtt_count(tf, "renamed") == 0 and rtt_count(tf, "a") == 0
 
@@ -289,6 +299,9 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         wait_until(lambda: "config not reloaded" in agent.log, 10, what="reload refused")
         agent.wait_write(after=time.time())
         assert rtt_count(tf, "renamed") >= 100
+        text = tf.read_text()
+        assert value(text, "ebpf_config_last_reload_successful") == 0
+        assert value(text, "ebpf_config_last_reload_success_timestamp_seconds") == reloaded
         assert agent.stop() == 0
 
 

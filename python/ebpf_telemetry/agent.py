@@ -24,7 +24,7 @@ from ebpf_telemetry import exporter, host, loader, nodes
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
-from ebpf_telemetry.metrics import TelemetryCollector
+from ebpf_telemetry.metrics import ReloadState, TelemetryCollector
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
 log = structlog.get_logger("agent")
@@ -153,7 +153,9 @@ class Agent:
             nodes.apply(self.pins, new)
         except TelemetryError as e:
             log.error("config not reloaded; keeping the old one", error=str(e))
+            self.collector.reload = ReloadState(False, self.collector.reload.success_at)
             return
         self.cfg = new
         self.collector.configure(new)
+        self.collector.reload = ReloadState(True, time.time())
         log.info("config reloaded", peers=len(new.peers))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -193,9 +194,31 @@ METRICS = _defs(
         "the loader's plan (plan.py) and what the kernel accepted",
     ),
     MetricDef(
+        "ebpf_telemetry_interval_seconds",
+        "gauge",
+        ("node",),
+        "Seconds between two collections (interval_seconds): the staleness alert's unit.",
+        "config",
+    ),
+    MetricDef(
+        "ebpf_config_last_reload_successful",
+        "gauge",
+        ("node",),
+        "1 if the last config load (start or SIGHUP) succeeded, 0 if it failed and the "
+        "previous config is still in use.",
+        "agent (as prometheus_config_last_reload_successful)",
+    ),
+    MetricDef(
+        "ebpf_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        ("node",),
+        "Unix time of the last successful config load (start or SIGHUP).",
+        "agent clock",
+    ),
+    MetricDef(
         "ebpf_telemetry_build_info",
         "gauge",
-        ("version", "kernel"),
+        ("node", "version", "kernel"),
         "Agent version and the kernel it runs on; always 1.",
         "package version, uname -r",
     ),
@@ -214,6 +237,14 @@ class Buckets:
     def of(cls, scheme: str, low_seconds: float, high_seconds: float) -> Buckets:
         cuts = edge_slots(scheme, low_seconds, high_seconds)
         return cls(cuts, tuple(le_seconds(slot_lower(s)) for s in cuts))
+
+
+@dataclass(frozen=True)
+class ReloadState:
+    """The last config load: did it succeed, and when did one last succeed."""
+
+    ok: bool
+    success_at: float  # Unix time
 
 
 # run-queue latency: every power of two from 1 us to 2^26 us (67 s)
@@ -273,11 +304,13 @@ class TelemetryCollector(Collector):
         self.collectors: list[Running] = []  # what attach() made run
         self.window: Window | None = None
         self.collect_seconds = 0.0
+        self.reload = ReloadState(True, time.time())  # the config was loaded at start
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
-        """The node name and the RTT buckets, from a config (at start and reload)."""
+        """The node name, interval and RTT buckets, from a config (at start and reload)."""
         self.node_name = cfg.node_name
+        self.interval_seconds = cfg.interval_seconds
         low, high = cfg.rtt_bucket_range_seconds
         self.peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
         self.host_buckets = Buckets.of("all", low, high)
@@ -385,8 +418,19 @@ class TelemetryCollector(Collector):
             up.add_metric([n, r.collector, r.variant or "none"], int(r.up))
         yield up
         info = _gauge("ebpf_telemetry_build_info")
-        info.add_metric([__version__, platform.release()], 1)
+        info.add_metric([n, __version__, platform.release()], 1)
         yield info
+        yield from self._config()
+
+    def _config(self) -> Iterator[Metric]:
+        for name, value in (
+            ("ebpf_telemetry_interval_seconds", self.interval_seconds),
+            ("ebpf_config_last_reload_successful", float(self.reload.ok)),
+            ("ebpf_config_last_reload_success_timestamp_seconds", self.reload.success_at),
+        ):
+            fam = _gauge(name)
+            fam.add_metric([self.node_name], value)
+            yield fam
 
 
 def markdown() -> str:
