@@ -194,15 +194,18 @@ def test_event_json_lines_are_json() -> None:
         10**18,
         4242,
     )
-    assert json.loads(as_json(e)) == {
+    offset = 764_000_000 * 10**9 + 123_456_789  # realtime - monotonic
+    assert json.loads(as_json(e, offset)) == {
+        "time": "2025-11-24T16:00:00.123456Z",  # (10**18 + offset) ns since the epoch
         "node_id": 7,
         "type": "runqlat",
         "value": 123,
         "timestamp_ns": 10**18,
         "extra_data": 4242,
     }
-    assert json.loads(json_line(*EVENT_RECORD.unpack_from(raw))) == json.loads(as_json(e))
-    assert io.StringIO(json_line(1, 99, 0, 0, 0)).read().endswith("}\n")
+    line = json_line(*EVENT_RECORD.unpack_from(raw), offset)
+    assert json.loads(line) == json.loads(as_json(e, offset))
+    assert io.StringIO(json_line(1, 99, 0, 0, 0, 0)).read().endswith("}\n")
 
 
 # -- canonical `le` labels ----------------------------------------------------------

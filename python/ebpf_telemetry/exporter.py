@@ -35,7 +35,14 @@ def check_textfile_path(path: str) -> None:
 
 
 def preflight(path: str) -> None:
-    """Fail at start, not at the first interval, on a textfile we cannot write.
+    """Fail at start, not at the first interval, on a textfile we cannot
+    write; remove the temporary files a killed agent left."""
+    check_writable(path)
+    remove_stale_temps(path)
+
+
+def check_writable(path: str) -> None:
+    """Can the textfile be written (atomically, beside itself)? (`doctor` too)
 
     The directory is never created: it is node_exporter's
     --collector.textfile.directory, and a mistyped path that "works" would
@@ -53,7 +60,6 @@ def preflight(path: str) -> None:
         raise TextfileError(f"textfile directory {directory} is on a read-only filesystem")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise TextfileError(f"textfile directory {directory} is not writable")
-    remove_stale_temps(path)
 
 
 def _temp_name(path: str, pid: int) -> str:

@@ -22,24 +22,15 @@ from typing import Any
 
 import structlog
 
-from ebpf_telemetry import facts, host, nodes, plan, programs
+from ebpf_telemetry import facts, host, nodes, pincheck, plan, programs
 from ebpf_telemetry.binding import BpfError, TelemetryError, captured, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.facts import KernelFacts
-from ebpf_telemetry.layout import MAPS
+from ebpf_telemetry.layout import MAPS, NODE_MAPS
 from ebpf_telemetry.maps import Pins
-from ebpf_telemetry.pinned import PinnedMap
 
 log = structlog.get_logger("loader")
 
-NODE_MAPS = (
-    "rtt_hist_map",
-    "node_metrics_map",
-    "peer_info_map",
-    "peer_addr_map",
-    "peer_seen_map",
-    "peer_free_map",
-)
 LEGACY_PINS = ("peer_alloc_map",)  # pinned by earlier releases; unload removes them
 
 
@@ -141,20 +132,18 @@ def trial(choice: plan.Choice) -> str | None:
 
 def _check_existing(cfg: Config) -> None:
     """Pinned maps must be ours, of this layout and size, before libbpf reuses them."""
-    want = cfg.max_peers + 2
-    for name in MAPS:
-        if not os.path.exists(os.path.join(cfg.pin_dir, name)):
-            continue
-        m = PinnedMap(cfg.pin_dir, name)
-        try:
-            if name in NODE_MAPS and m.max_entries != want:
-                raise TelemetryError(
-                    f"pinned maps hold {m.max_entries - 2} peers, config asks max_peers "
-                    f"{cfg.max_peers}: run `ebpf-telemetry unload` (resets counters) or keep "
-                    f"max_peers = {m.max_entries - 2}"
-                )
-        finally:
-            m.close()
+    found = pincheck.survey(cfg.pin_dir)
+    if found.other_layout:
+        raise TelemetryError(next(iter(found.other_layout.values())))
+    if found.resized(cfg.max_peers):
+        raise TelemetryError(resized_message(found.pinned_peers or 0, cfg.max_peers))
+
+
+def resized_message(pinned: int, wanted: int) -> str:
+    return (
+        f"pinned maps hold {pinned} peers, config asks max_peers {wanted}: run "
+        f"`ebpf-telemetry unload` (resets counters) or keep max_peers = {pinned}"
+    )
 
 
 def link_path(pin_dir: str, tracepoint: str) -> str:
