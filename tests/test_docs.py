@@ -25,3 +25,23 @@ def test_kernels_md_is_generated_from_the_plan() -> None:
     assert (ROOT / "docs" / "kernels.md").read_text() == plan.markdown(), (
         "docs/kernels.md is stale: run `make docs`"
     )
+
+
+def test_readme_inspect_sample_is_what_inspect_prints() -> None:
+    """The README's `inspect` sample is report.as_text of a real reading
+    (tests/data/inspect_sample.json; tests/docsample.py records a new one).
+    Drop reason names come from the running kernel's BTF, which differs
+    between kernels: the recorded names stand in for that one read."""
+    import json
+    from unittest import mock
+
+    import docsample
+    from ebpf_telemetry import report
+
+    snap, drops = docsample.from_json(json.loads(docsample.SAMPLE.read_text()))
+    readme = (ROOT / "README.md").read_text()
+    command = "$ ebpf-telemetry inspect --node 2\n"
+    start = readme.index(command) + len(command)
+    shown = readme[start : readme.index("```", start)].rstrip("\n")
+    with mock.patch.object(report.btf, "drops_by_name", lambda _: drops):
+        assert shown == report.as_text(snap, 2), "README.md's inspect sample is stale"

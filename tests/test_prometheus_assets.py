@@ -686,6 +686,19 @@ def test_systemd_unit_is_hardened() -> None:
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
+def test_security_doc_quotes_the_shipped_unit() -> None:
+    """docs/security.md's unit lines are the shipped unit's, and the unit
+    sets no memlock rlimit (the docs say none is needed)."""
+    doc = (ROOT / "docs" / "security.md").read_text()
+    quoted = re.search(r"\n    \[Service\]\n((?:    \S.*\n)+)", doc)
+    assert quoted, "docs/security.md quotes no [Service] section"
+    unit = unit_sections()["Service"]
+    for line in quoted.group(1).splitlines():
+        key, _, value = line.strip().partition("=")
+        assert unit.get(key) == value, f"docs/security.md: {line.strip()!r} is not the unit's"
+    assert "LimitMEMLOCK" not in unit
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = find_binary(["systemd-analyze"])
     if analyze is None:
