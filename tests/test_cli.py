@@ -143,7 +143,15 @@ def test_doctor_reports_pins_of_another_layout(pin_dir: str, tmp_path: Path) -> 
     subprocess.run(["bpftool", "map", "create", f"{pin_dir}/rtt_hist_map", "type", "array",
                     "key", "4", "value", "8", "entries", "4", "name", "rtt_hist_map"],
                    check=True)  # fmt: skip
-    rc, d = doctor_json("--pin-dir", pin_dir, "--textfile", str(tmp_path / "t.prom"))
+    tf = str(tmp_path / "t.prom")
+    rc, d = doctor_json("--pin-dir", pin_dir, "--textfile", tf)
     pins = checks_of(d)["pins"]
-    assert pins["ok"] is False and "rtt_hist_map" in str(pins["detail"]), pins
-    assert rc == 1 and any("pins" in str(p) for p in d["problems"])
+    assert rc == 0 and pins["ok"] is False and pins["fatal"] is False, pins
+    assert "run replaces rtt_hist_map" in str(pins["detail"])  # alone: the only one pinned
+    assert any(str(w).startswith("warn pins:") for w in d["warnings"]), d["warnings"]
+    strict = tmp_path / "strict.toml"
+    strict.write_text("strict_pins = true\n")
+    rc, d = doctor_json("--config", str(strict), "--pin-dir", pin_dir, "--textfile", tf)
+    pins = checks_of(d)["pins"]
+    assert rc == 1 and pins["fatal"] is True and "run refuses them" in str(pins["detail"])
+    assert any(str(p).startswith("FAIL pins:") for p in d["problems"]), d["problems"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -499,7 +500,7 @@ def bpftool_map(path: str, *spec: str) -> None:
     subprocess.run(["bpftool", "map", "create", path, *spec], check=True)
 
 
-def test_foreign_pins_are_refused(pin_dir: str, tmp_path: Path) -> None:
+def test_foreign_pins_are_refused_with_strict_pins(pin_dir: str, tmp_path: Path) -> None:
     os.makedirs(pin_dir, mode=0o700)
     bpftool_map(f"{pin_dir}/rtt_hist_map", "type", "percpu_array", "key", "4", "value", "8",
                 "entries", "4", "name", "rtt_hist_map")  # fmt: skip
@@ -507,14 +508,68 @@ def test_foreign_pins_are_refused(pin_dir: str, tmp_path: Path) -> None:
                 "entries", "1", "name", "settings_map")  # fmt: skip
     tf = tmp_path / "t.prom"
     before = disk_state(pin_dir, tf)
-    r = cli("run", "--once", "--config", str(toml(tmp_path, DEFAULTS)), "--pin-dir", pin_dir,
-            "--textfile", str(tf))  # fmt: skip
+    strict = toml(tmp_path, "strict_pins = true\n")
+    r = cli("run", "--once", "--config", str(strict), "--pin-dir", pin_dir, "--textfile", str(tf))
     line = one_error_line(r)
-    assert "value 8 B; expected" in line and "unload" in line
+    assert "value 8 B; expected" in line and "unload" in line and "strict_pins" in line
+    r = cli("doctor", "--config", str(strict), "--pin-dir", pin_dir, "--textfile", str(tf))
+    assert r.returncode == 1 and "FAIL pins:" in r.stdout and "run refuses them" in r.stdout
     r = cli("inspect", "--pin-dir", pin_dir)
     assert "value 8 B; expected" in one_error_line(r)
     assert disk_state(pin_dir, tf) == before
     assert sorted(os.listdir(pin_dir)) == ["rtt_hist_map", "settings_map"]
+
+
+def test_pins_of_another_layout_are_replaced_by_run(
+    lab: Any, pin_dir: str, tmp_path: Path
+) -> None:
+    """An upgrade across a layout change: the map of another layout (here a
+    run-queue histogram with 8-byte values, as an earlier release could have
+    left it) is replaced, its counters restart, the other maps keep theirs."""
+    a, b, veth = lab
+    cfg = toml(tmp_path, peers_toml({"b": [f"{veth.v4_b}/32"]}))
+    tf = tmp_path / "t.prom"
+    run = ("run", "--once", "--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(tf),
+           "--interval", str(INTERVAL))  # fmt: skip
+    with TcpEchoServer(b, veth.v4_b) as srv, TcpPingPong(a, [(veth.v4_b, srv.port)]) as pp:
+        assert cli(*run).returncode == 0
+        pp.run(200)
+        assert rtt_count(tf, "b") == 0  # counted after the write
+        os.unlink(f"{pin_dir}/runqlat_hist_map")
+        bpftool_map(f"{pin_dir}/runqlat_hist_map", "type", "percpu_array", "key", "4",
+                    "value", "8", "entries", "1", "name", "runqlat_hist_map")  # fmt: skip
+        d = cli("doctor", "--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(tf))
+        assert d.returncode == 0, d.stdout
+        assert "warn pins:" in d.stdout and "run replaces runqlat_hist_map" in d.stdout, d.stdout
+
+        r = cli(*run)
+        assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")]
+    warned = [x for x in records if x["level"] == "warning"]
+    assert [(x["msg"], x["maps"]) for x in warned] == [
+        ("pinned maps of another layout replaced; their counters restart", ["runqlat_hist_map"])
+    ], warned
+    text = tf.read_text()
+    assert value(text, "ebpf_pins_replaced_total") == 1
+    assert rtt_count(tf, "b") >= 200  # kept its counts
+    with Pins(pin_dir) as pins:  # ours again, and written by the programs now attached
+        n0 = pins.runqlat_hist().count
+        wait_until(lambda: pins.runqlat_hist().count > n0, 10, what="run-queue samples")
+    r = cli(*run)  # nothing left to replace
+    assert r.returncode == 0 and "another layout" not in r.stderr, r.stderr
+    assert value(tf.read_text(), "ebpf_pins_replaced_total") == 0
+
+
+def test_pins_to_replace_keep_the_peer_group_together() -> None:
+    from ebpf_telemetry.pincheck import PEER_GROUP, PinSurvey
+
+    present = ("rtt_hist_map", "node_metrics_map", "peer_info_map", "peer_addr_map",
+               "peer_cidr_map", "stats_map", "runqlat_hist_map")  # fmt: skip
+    alone = PinSurvey("/x", present, {"runqlat_hist_map": "value differs"})
+    assert alone.to_replace() == ("runqlat_hist_map",)
+    peers = PinSurvey("/x", present, {"peer_info_map": "value differs"})
+    assert set(peers.to_replace()) == set(PEER_GROUP) & set(present)
+    assert "stats_map" not in peers.to_replace()
 
 
 def test_no_btf(pin_dir: str, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, host, loader, nodes
+from ebpf_telemetry import exporter, host, loader, nodes, pincheck
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
@@ -87,8 +87,10 @@ class Agent:
             addr, port = self.cfg.listen_addr
             exporter.serve(self.registry, addr, port)
             log.info("listening", address=f"{addr}:{port}")
-        state = loader.attach(self.cfg)
+        replaced = pincheck.replace_other_layouts(self.cfg.pin_dir, self.cfg.strict_pins)
+        state = loader.attach(self.cfg, renew=bool(replaced))
         self.collector.collectors = state
+        self.collector.pins_replaced += len(replaced)
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         return state
 

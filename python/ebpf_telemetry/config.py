@@ -48,6 +48,8 @@ class Config:
     rtt_buckets: str = "pow2x2"
     rtt_bucket_range_seconds: tuple[float, float] = (0.00005, 0.5)
     debug_trace: bool = False
+    # pins of another layout: replaced by `run` (False) or refused (True)
+    strict_pins: bool = False
     peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
 
     @property
@@ -69,6 +71,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rtt_buckets": (str,),
     "rtt_bucket_range_seconds": (list,),
     "debug_trace": (bool,),
+    "strict_pins": (bool,),
     "peers": (dict,),
 }
 

@@ -124,11 +124,18 @@ def pins_check(cfg: Config) -> Check:
         return Check("pins", False, f"{where}: cannot read (not root)", fatal=False)
     if not found.present:
         return Check("pins", True, f"none at {where}: run creates them")
-    if found.other_layout:
+    if found.other_layout and cfg.strict_pins:
         names = ", ".join(found.other_layout)
         return Check(
-            "pins", False, f"{where}: maps of another layout: {names}; run refuses them",
-            "`ebpf-telemetry unload` replaces them (their counters restart)",
+            "pins", False, f"{where}: maps of another layout: {names}; run refuses them "
+            "(strict_pins = true)", "`ebpf-telemetry unload` (their counters restart)",
+        )  # fmt: skip
+    if found.other_layout:
+        names = ", ".join(found.to_replace())
+        return Check(
+            "pins", False, f"{where}: maps of another layout: run replaces {names} "
+            "(their counters restart; the other maps keep theirs)",
+            "nothing to do; strict_pins = true refuses them instead", fatal=False,
         )  # fmt: skip
     if found.resized(cfg.max_peers):
         return Check("pins", False, loader.resized_message(found.pinned_peers or 0, cfg.max_peers))

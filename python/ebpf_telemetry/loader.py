@@ -154,10 +154,12 @@ def linked(pin_dir: str, c: plan.Collector) -> bool:
     return all(os.path.exists(link_path(pin_dir, tp)) for tp in c.tracepoints)
 
 
-def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
+def attach(cfg: Config, kernel: KernelFacts | None = None, renew: bool = False) -> list[Running]:
     """Make every collector this kernel can serve run, reusing pins; write
     peers and settings. `kernel`: the facts to plan with (default: this
-    kernel's, or EBPF_TELEMETRY_FACTS).
+    kernel's, or EBPF_TELEMETRY_FACTS). `renew`: replace every pinned link
+    even where it runs these very programs (maps were replaced: the pinned
+    programs still write the old ones).
 
     Every planned collector is loaded; one whose pinned links already run
     these very programs (same tags) is kept as it is; one whose links run
@@ -187,7 +189,7 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
                     else _skipped(ch.name, str(e))
                 )
                 continue
-            if pinned and _runs_already(obj, ch.variant, cfg.pin_dir):
+            if pinned and not renew and _runs_already(obj, ch.variant, cfg.pin_dir):
                 out[ch.name] = Running(ch.name, ch.variant.name, "pinned", ch.why)
             else:
                 todo.append((ch, obj, "upgraded" if pinned else "attached"))

@@ -216,6 +216,14 @@ METRICS = _defs(
         "agent clock",
     ),
     MetricDef(
+        "ebpf_pins_replaced_total",
+        "counter",
+        ("node",),
+        "Pinned maps of another layout (an earlier release's) this agent replaced at start; "
+        "their counters restarted (strict_pins = true refuses them instead).",
+        "agent (run)",
+    ),
+    MetricDef(
         "ebpf_telemetry_build_info",
         "gauge",
         ("node", "version", "kernel"),
@@ -304,6 +312,7 @@ class TelemetryCollector(Collector):
         self.collectors: list[Running] = []  # what attach() made run
         self.window: Window | None = None
         self.collect_seconds = 0.0
+        self.pins_replaced = 0  # maps of another layout replaced at start
         self.reload = ReloadState(True, time.time())  # the config was loaded at start
         self.configure(cfg)
 
@@ -431,6 +440,9 @@ class TelemetryCollector(Collector):
             fam = _gauge(name)
             fam.add_metric([self.node_name], value)
             yield fam
+        replaced = _counter("ebpf_pins_replaced_total")
+        replaced.add_metric([self.node_name], self.pins_replaced)
+        yield replaced
 
 
 def markdown() -> str:
