@@ -1,6 +1,9 @@
-"""The README's `inspect` sample: a real reading of the pinned maps, kept in
-tests/data/inspect_sample.json and rendered by report.as_text, so the README
-shows what the code prints (tests/test_docs.py keeps them equal).
+"""The README's `inspect` and textfile samples: a real reading of the pinned
+maps, kept in tests/data/inspect_sample.json and rendered by report.as_text
+and by the metrics collector (as the first interval after a start), so the
+README shows what the code prints (tests/test_docs.py keeps them equal).
+
+Print the README's textfile block: `.venv/bin/python tests/docsample.py textfile`.
 
 Record a new reading (root; loads BPF into its own pin dir, request/response
 traffic between two namespaces):
@@ -10,8 +13,11 @@ traffic between two namespaces):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,8 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "misses": snap.misses,
         "seen": {str(n): t for n, t in snap.seen.items()},
         "max_peers": snap.max_peers,
+        "kernel": platform.release(),
+        "collectors": {},  # fill in: collector -> variant, as `doctor` says
     }
 
 
@@ -69,6 +77,62 @@ def from_json(d: dict[str, Any]) -> tuple[Snapshot, dict[str, int]]:
         max_peers=d["max_peers"],
     )
     return snap, d["drops_by_name"]
+
+
+@contextlib.contextmanager
+def recorded_kernel(d: dict[str, Any]) -> Iterator[None]:
+    """What the code reads from the running kernel, as it was when recorded:
+    drop reason names (BTF) and the release (build_info)."""
+    from unittest import mock
+
+    from ebpf_telemetry import metrics, report
+
+    names = d["drops_by_name"]
+    with (
+        mock.patch.object(report.btf, "drops_by_name", lambda _: names),
+        mock.patch.object(metrics.btf, "drops_by_name", lambda _: names),
+        mock.patch.object(metrics.platform, "release", lambda: d["kernel"]),
+    ):
+        yield
+
+
+def textfile(d: dict[str, Any]) -> str:
+    """The whole textfile of the first interval after a start on this reading."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ebpf_telemetry.config import Config
+    from ebpf_telemetry.loader import Running
+    from ebpf_telemetry.metrics import ReloadState, TelemetryCollector
+    from ebpf_telemetry.snapshot import Window
+
+    snap, _ = from_json(d)
+    zero = Snapshot(snap.monotonic - 5, snap.wall - 5, {}, {}, dict.fromkeys(snap.stats, 0),
+                    snap.peers, Hist.empty(), {}, CpuTime(), {}, {}, snap.max_peers)  # fmt: skip
+    collector = TelemetryCollector(Config(node_name="node-a"))
+    collector.update(Window(zero, snap), 0.0023)
+    collector.reload = ReloadState(True, zero.wall)  # started one interval before
+    collector.collectors = [Running(c, v, "attached") for c, v in d["collectors"].items()]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    with recorded_kernel(d):
+        return generate_latest(registry).decode()
+
+
+def abridged(text: str) -> str:
+    """The README's cut: HELP of the first family only, per series the first
+    two buckets and +Inf, every other sample."""
+    out: list[str] = []
+    buckets: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP") and out:
+            continue
+        if "_bucket{" in line and 'le="+Inf"' not in line:
+            series = line.split("{")[0] + line.split("}")[0].split('",', 1)[-1]
+            buckets[series] = buckets.get(series, 0) + 1
+            if buckets[series] > 2:
+                continue
+        out.append(line)
+    return "\n".join(out)
 
 
 def record() -> None:
@@ -103,4 +167,7 @@ def record() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    record()
+    if sys.argv[1:] == ["textfile"]:
+        print(abridged(textfile(json.loads(SAMPLE.read_text()))))
+    else:
+        record()

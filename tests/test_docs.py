@@ -33,15 +33,32 @@ def test_readme_inspect_sample_is_what_inspect_prints() -> None:
     Drop reason names come from the running kernel's BTF, which differs
     between kernels: the recorded names stand in for that one read."""
     import json
-    from unittest import mock
 
     import docsample
     from ebpf_telemetry import report
 
-    snap, drops = docsample.from_json(json.loads(docsample.SAMPLE.read_text()))
+    d = json.loads(docsample.SAMPLE.read_text())
+    snap, _ = docsample.from_json(d)
     readme = (ROOT / "README.md").read_text()
     command = "$ ebpf-telemetry inspect --node 2\n"
     start = readme.index(command) + len(command)
     shown = readme[start : readme.index("```", start)].rstrip("\n")
-    with mock.patch.object(report.btf, "drops_by_name", lambda _: drops):
+    with docsample.recorded_kernel(d):
         assert shown == report.as_text(snap, 2), "README.md's inspect sample is stale"
+
+
+def test_readme_textfile_sample_is_what_the_agent_writes() -> None:
+    """The README's textfile sample is the collector's output for the same
+    reading (its first interval), abridged by docsample.abridged."""
+    import json
+
+    import docsample
+
+    d = json.loads(docsample.SAMPLE.read_text())
+    readme = (ROOT / "README.md").read_text()
+    head = "### The textfile (abridged: `le` buckets cut)"
+    start = readme.index("```\n", readme.index(head)) + 4
+    shown = readme[start : readme.index("```", start)].rstrip("\n")
+    assert shown == docsample.abridged(docsample.textfile(d)), (
+        "README.md's textfile sample is stale: `.venv/bin/python tests/docsample.py textfile`"
+    )
