@@ -624,6 +624,11 @@ def test_runs_with_exactly_the_documented_caps(pin_dir: str, tmp_path: Path) -> 
     assert disk_state(pin_dir, tf) == before
     r = cli("doctor", prefix=with_caps(""))
     assert r.returncode == 1 and "FAIL capabilities: missing" in r.stdout, r.stdout
+    # pins it cannot read without CAP_SYS_ADMIN: a warning, never "another layout"
+    r = cli("doctor", "--pin-dir", pin_dir, "--textfile", str(tf),
+            prefix=with_caps(",+bpf,+perfmon"))  # fmt: skip
+    pins = next(x for x in r.stdout.splitlines() if " pins: " in x)
+    assert pins.startswith("warn pins:") and "cannot read" in pins, r.stdout
 
 
 def test_listen_defaults_to_loopback(pin_dir: str, tmp_path: Path, agents: list[AgentProc]) -> None:

@@ -120,8 +120,8 @@ def pins_check(cfg: Config) -> Check:
         return Check("pins", True, f"none at {where}: run creates them")
     try:
         found = pincheck.survey(where)
-    except PermissionError:
-        return Check("pins", False, f"{where}: cannot read (not root)", fatal=False)
+    except (PermissionError, TelemetryError) as e:
+        return Check("pins", False, f"{where}: cannot read: {e}", "run as root", fatal=False)
     if not found.present:
         return Check("pins", True, f"none at {where}: run creates them")
     if found.other_layout and cfg.strict_pins:

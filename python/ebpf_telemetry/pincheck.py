@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ebpf_telemetry.binding import TelemetryError
-from ebpf_telemetry.layout import MAPS, NODE_MAPS
+from ebpf_telemetry.layout import MAPS, NODE_MAPS, LayoutError
 from ebpf_telemetry.pinned import PinnedMap
 
 log = structlog.get_logger("pins")
@@ -48,8 +48,8 @@ class PinSurvey:
 
 
 def survey(pin_dir: str) -> PinSurvey:
-    """Open every map of ours pinned under pin_dir and check its layout.
-    PermissionError (not root) goes to the caller."""
+    """Open every map of ours pinned under pin_dir and check its layout. A
+    map that cannot be opened or read (no privileges) is a BpfError."""
     present: list[str] = []
     other: dict[str, str] = {}
     peers: int | None = None
@@ -59,9 +59,7 @@ def survey(pin_dir: str) -> PinSurvey:
         present.append(name)
         try:
             m = PinnedMap(pin_dir, name)
-        except PermissionError:
-            raise
-        except TelemetryError as e:
+        except LayoutError as e:  # other errors (no privileges): the caller's
             other[name] = str(e)
             continue
         if name in NODE_MAPS and peers is None:
