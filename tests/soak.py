@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ebt-soak-"))
     textfile = work / "ebpf_telemetry.prom"
     cfg = work / "config.toml"
-    cfg.write_text("")  # automatic peers
+    cfg.write_text("sample_rate = 100\n")  # defaults: automatic peers
     log = (work / "agent.log").open("wb")
     agent = subprocess.Popen(
         [sys.executable, "-m", "ebpf_telemetry", "run", "--config", str(cfg),

@@ -25,3 +25,40 @@ def test_kernels_md_is_generated_from_the_plan() -> None:
     assert (ROOT / "docs" / "kernels.md").read_text() == plan.markdown(), (
         "docs/kernels.md is stale: run `make docs`"
     )
+
+
+def test_readme_inspect_sample_is_what_inspect_prints() -> None:
+    """The README's `inspect` sample is report.as_text of a real reading
+    (tests/data/inspect_sample.json; tests/docsample.py records a new one).
+    Drop reason names come from the running kernel's BTF, which differs
+    between kernels: the recorded names stand in for that one read."""
+    import json
+
+    import docsample
+    from ebpf_telemetry import report
+
+    d = json.loads(docsample.SAMPLE.read_text())
+    snap, _ = docsample.from_json(d)
+    readme = (ROOT / "README.md").read_text()
+    command = "$ ebpf-telemetry inspect --node 2\n"
+    start = readme.index(command) + len(command)
+    shown = readme[start : readme.index("```", start)].rstrip("\n")
+    with docsample.recorded_kernel(d):
+        assert shown == report.as_text(snap, 2), "README.md's inspect sample is stale"
+
+
+def test_readme_textfile_sample_is_what_the_agent_writes() -> None:
+    """The README's textfile sample is the collector's output for the same
+    reading (its first interval), abridged by docsample.abridged."""
+    import json
+
+    import docsample
+
+    d = json.loads(docsample.SAMPLE.read_text())
+    readme = (ROOT / "README.md").read_text()
+    head = "### The textfile (abridged: `le` buckets cut)"
+    start = readme.index("```\n", readme.index(head)) + 4
+    shown = readme[start : readme.index("```", start)].rstrip("\n")
+    assert shown == docsample.abridged(docsample.textfile(d)), (
+        "README.md's textfile sample is stale: `.venv/bin/python tests/docsample.py textfile`"
+    )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebpf_telemetry import histogram as h
+from ebpf_telemetry.histogram import EDGE_SCHEMES, MAX_SLOTS, le_seconds, slot_lower
 
 # every value the slots resolve, up to the last slot's upper bound: derived
 # from the layout (a fixed 2^33 stopped at slot 247 once slots became 256)
@@ -197,12 +201,53 @@ def test_event_json_lines_are_json() -> None:
         10**18,
         4242,
     )
-    assert json.loads(as_json(e)) == {
+    offset = 764_000_000 * 10**9 + 123_456_789  # realtime - monotonic
+    assert json.loads(as_json(e, offset)) == {
+        "time": "2025-11-24T16:00:00.123456Z",  # (10**18 + offset) ns since the epoch
         "node_id": 7,
         "type": "runqlat",
         "value": 123,
         "timestamp_ns": 10**18,
         "extra_data": 4242,
     }
-    assert json.loads(json_line(*EVENT_RECORD.unpack_from(raw))) == json.loads(as_json(e))
-    assert io.StringIO(json_line(1, 99, 0, 0, 0)).read().endswith("}\n")
+    line = json_line(*EVENT_RECORD.unpack_from(raw), offset)
+    assert json.loads(line) == json.loads(as_json(e, offset))
+    assert io.StringIO(json_line(1, 99, 0, 0, 0, 0)).read().endswith("}\n")
+
+
+# -- canonical `le` labels ----------------------------------------------------------
+
+LE_EDGES = Path(__file__).parent / "data" / "le_edges.json"
+
+
+def exported_les() -> dict[str, list[str]]:
+    """Every `le` list we export: per rtt_buckets scheme and the host histogram
+    at the default range, every kernel edge (any range), the run-queue histogram."""
+    from ebpf_telemetry.config import Config
+    from ebpf_telemetry.metrics import RUNQ_BUCKETS, Buckets
+
+    lo, hi = Config().rtt_bucket_range_seconds
+    out = {f"ebpf_tcp_rtt_seconds rtt_buckets={s}": list(Buckets.of(s, lo, hi).les)
+           for s in EDGE_SCHEMES}  # fmt: skip
+    out["ebpf_node_tcp_rtt_seconds"] = list(Buckets.of("all", lo, hi).les)
+    out["every kernel edge (rtt_buckets=all, any range)"] = list(Buckets.of("all", 0, 1e9).les)
+    out["ebpf_runqueue_latency_seconds"] = list(RUNQ_BUCKETS.les)
+    return out
+
+
+def test_le_labels_are_pinned() -> None:
+    """A changed `le` renames a bucket across a mixed fleet (sum by (le) breaks):
+    the full lists are kept in tests/data/le_edges.json, reviewed by eye."""
+    assert exported_les() == json.loads(LE_EDGES.read_text())
+
+
+def test_le_labels_are_the_exact_edges() -> None:
+    """Each `le` is the edge itself in decimal (no float noise such as
+    5.9999999999999995e-05), and reads back as the float nearest to it."""
+    for s in range(1, MAX_SLOTS - 1):
+        us = slot_lower(s)
+        le = le_seconds(us)
+        assert Decimal(le) * 10**6 == us, (s, le)
+        assert float(le) == us / 10**6, (s, le)
+        assert le == repr(float(le))  # shortest form
+    assert le_seconds(60) == "6e-05" and le_seconds(120) == "0.00012"

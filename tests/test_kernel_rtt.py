@@ -156,7 +156,7 @@ def test_textfile_parses_and_second_run_continues(
         "run",
         "--once",
         "--interval",
-        "0.5",
+        "1",
         "--pin-dir",
         pin_dir,
         "--textfile",

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -397,10 +398,16 @@ def test_events_cli_gets_n_and_a_killed_one_stops_events(make_config: Any) -> No
             traffic = threading.Thread(target=lambda: [pp.run(20) for _ in iter(stop.is_set, True)])
             traffic.start()
             try:
+                t0 = time.time()
                 r = cli("events", "--pin-dir", cfg.pin_dir, "--type", "rtt", "--count", "50")
+                t1 = time.time()
                 lines = [json.loads(x) for x in r.stdout.splitlines()]
                 assert r.returncode == 0 and len(lines) == 50, r.stderr
                 assert {x["type"] for x in lines} == {"rtt"}
+                # wall-clock time: sent while the command held its lease
+                walls = [datetime.fromisoformat(x["time"]).timestamp() for x in lines]
+                assert all(t0 - 0.001 <= w <= t1 for w in walls), (t0, walls, t1)
+                assert all(x["time"].endswith("Z") for x in lines)
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "ebpf_telemetry", "events", "--pin-dir", cfg.pin_dir],
                     stdout=subprocess.DEVNULL,

@@ -117,7 +117,7 @@ def collector_up(textfile: Path) -> dict[str, tuple[str, float]]:
 def run_once(pin_dir: str, tmp_path: Path, env: dict[str, str] | None = None) -> Any:
     textfile = tmp_path / "t.prom"
     r = cli(
-        "run", "--once", "--interval", "0.5", "--pin-dir", pin_dir, "--textfile", str(textfile),
+        "run", "--once", "--interval", "1", "--pin-dir", pin_dir, "--textfile", str(textfile),
         env=env,
     )  # fmt: skip
     return r, textfile

@@ -37,6 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from ebpf_telemetry.histogram import le_seconds
 from promstack import (
     PROMETHEUS_NAMES,
     PROMTOOL_NAMES,
@@ -70,6 +71,7 @@ COUNTERS = {
     "ebpf_events_sampled_total",
     "ebpf_events_lost_total",
     "ebpf_peers_overflow_total",
+    "ebpf_bpf_misses_total",
 }
 GAUGES = {
     "ebpf_rtt_p50_milliseconds",
@@ -79,6 +81,9 @@ GAUGES = {
     "ebpf_telemetry_last_update_timestamp_seconds",
     "ebpf_telemetry_collect_duration_seconds",
     "ebpf_telemetry_build_info",
+    "ebpf_telemetry_interval_seconds",
+    "ebpf_collector_up",
+    "ebpf_config_last_reload_successful",
 }
 HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_node_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
 SERIES_NAMES = (
@@ -90,7 +95,7 @@ METRIC_RE = re.compile(r"\bebpf_[a-z0-9_]+\b")
 RECORD_RE = re.compile(r"^[a-z][a-z_]*:[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
 
 # le bounds as the agent writes them: powers of two of microseconds, in seconds
-# (repr() is Go's shortest float format for these values, as floatToGoString).
+# (le_seconds: the canonical string of each edge).
 LE_US = [2**k for k in range(27)]  # 1 us .. 67.1 s
 
 
@@ -162,7 +167,7 @@ class Sample:
 
 
 def histogram_buckets(observations_us: list[int]) -> list[tuple[str, float]]:
-    buckets = [(repr(le * 1e-6), float(sum(1 for v in observations_us if v <= le))) for le in LE_US]
+    buckets = [(le_seconds(le), float(sum(1 for v in observations_us if v <= le))) for le in LE_US]
     buckets.append(("+Inf", float(len(observations_us))))
     return buckets
 
@@ -236,14 +241,24 @@ class SampleCollector(Collector):
         for name, value in (
             ("ebpf_telemetry_last_update_timestamp_seconds", s.timestamp),
             ("ebpf_telemetry_collect_duration_seconds", 0.003),
+            ("ebpf_telemetry_interval_seconds", 5.0),
+            ("ebpf_config_last_reload_successful", 1.0),
         ):
             g = GaugeMetricFamily(name, "Agent self-monitoring.", labels=["node"])
             g.add_metric([NODE], value)
             yield g
-        info = GaugeMetricFamily(
-            "ebpf_telemetry_build_info", "Version and kernel.", labels=["version", "kernel"]
+        misses = CounterMetricFamily("ebpf_bpf_misses", "Runs skipped.", labels=["node", "program"])
+        misses.add_metric([NODE, "handle_tcp_probe"], 0)
+        yield misses
+        up = GaugeMetricFamily(
+            "ebpf_collector_up", "Collectors.", labels=["node", "collector", "variant"]
         )
-        info.add_metric(["0.1.0", "6.18.0-test"], 1)
+        up.add_metric([NODE, "rtt", "tcp_probe_tp_btf"], 1)
+        yield up
+        info = GaugeMetricFamily(
+            "ebpf_telemetry_build_info", "Version and kernel.", labels=["node", "version", "kernel"]
+        )
+        info.add_metric([NODE, "0.1.0", "6.18.0-test"], 1)
         yield info
 
 
@@ -318,9 +333,13 @@ def test_rules_follow_conventions_and_use_our_metrics() -> None:
         "EbpfTcpRetransmitRatioHigh",
         "EbpfPacketDropSurge",
         "EbpfTelemetryStale",
+        "EbpfPeersOverflow",
+        "EbpfCollectorDown",
+        "EbpfBpfMisses",
+        "EbpfTelemetryConfigReloadFailed",
     } <= alert_names
     stale = next(a for a in alerts if a["alert"] == "EbpfTelemetryStale")
-    assert "> 3 * 5" in stale["expr"]
+    assert "> 3 * (" in stale["expr"] and "ebpf_telemetry_interval_seconds" in stale["expr"]
 
 
 def test_rules_test_covers_every_rule() -> None:
@@ -573,7 +592,7 @@ def test_node_exporter_serves_the_textfile(live: Live) -> None:
     peers = {s.labels["peer"] for s in families["ebpf_tcp_rtt_seconds"].samples}
     assert peers == {"node-b", "10.0.0.7", "other"}
     info = families["ebpf_telemetry_build_info"].samples[0]
-    assert info.value == 1 and set(info.labels) == {"version", "kernel"}
+    assert info.value == 1 and set(info.labels) == {"node", "version", "kernel"}
 
 
 def test_prometheus_answers_histogram_quantile(live: Live) -> None:
@@ -665,6 +684,19 @@ def test_systemd_unit_is_hardened() -> None:
         "AF_INET6",
     }
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_security_doc_quotes_the_shipped_unit() -> None:
+    """docs/security.md's unit lines are the shipped unit's, and the unit
+    sets no memlock rlimit (the docs say none is needed)."""
+    doc = (ROOT / "docs" / "security.md").read_text()
+    quoted = re.search(r"\n    \[Service\]\n((?:    \S.*\n)+)", doc)
+    assert quoted, "docs/security.md quotes no [Service] section"
+    unit = unit_sections()["Service"]
+    for line in quoted.group(1).splitlines():
+        key, _, value = line.strip().partition("=")
+        assert unit.get(key) == value, f"docs/security.md: {line.strip()!r} is not the unit's"
+    assert "LimitMEMLOCK" not in unit
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -37,8 +38,9 @@ from ebpf_telemetry.values import Hist, NodeMetrics, TelemetryEvent
 from netlab import Netns, TcpEchoServer, TcpPingPong, veth_pair, wait_until
 
 PROG = "ebpf-telemetry"
-INTERVAL = 0.25
+INTERVAL = 1.0  # the shortest interval_seconds there is
 CUMULATIVE = ("_total", "_bucket", "_count", "_sum")
+DEFAULTS = "sample_rate = 100\n"  # a config of defaults (an empty file is warned about)
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -262,11 +264,18 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         TcpEchoServer(b, extra) as s2,
         TcpPingPong(a, [(veth.v4_b, s1.port), (extra, s2.port)]) as pp,
     ):
+        started = time.time()
         agents.append(agent := AgentProc(cfg, pin_dir, tf))
         agent.wait_write()
+        text = tf.read_text()
+        assert value(text, "ebpf_telemetry_interval_seconds", node=socket.gethostname()) == INTERVAL
+        assert value(text, "ebpf_config_last_reload_successful") == 1
+        loaded = value(text, "ebpf_config_last_reload_success_timestamp_seconds") or 0.0
+        assert loaded >= started
         pp.run(300)
         wait_until(lambda: min(rtt_count(tf, "keep"), rtt_count(tf, "move")) >= 300, 10)
         keep0 = rtt_count(tf, "keep")
+        hup = time.time()
 
         # `move` renamed (its id changes hands: starts from zero), a's address added
         toml(tmp_path, peers_toml({"keep": [f"{veth.v4_b}/32"], "renamed": [f"{extra}/32"],
@@ -276,6 +285,9 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         ts = agent.wait_write(after=time.time())
         text = tf.read_text()
         assert value(text, "ebpf_tcp_rtt_seconds_count", peer="move") is None
+        assert value(text, "ebpf_config_last_reload_successful") == 1
+        reloaded = value(text, "ebpf_config_last_reload_success_timestamp_seconds") or 0.0
+        assert reloaded >= hup > loaded
         assert rtt_count(tf, "keep") >= keep0  # not reset
         assert rtt_count(tf, "renamed") == 0 and rtt_count(tf, "a") == 0
 
@@ -292,6 +304,9 @@ def test_sighup_reload_keeps_counters_and_reclassifies(
         wait_until(lambda: "config not reloaded" in agent.log, 10, what="reload refused")
         agent.wait_write(after=time.time())
         assert rtt_count(tf, "renamed") >= 100
+        text = tf.read_text()
+        assert value(text, "ebpf_config_last_reload_successful") == 0
+        assert value(text, "ebpf_config_last_reload_success_timestamp_seconds") == reloaded
         assert agent.stop() == 0
 
 
@@ -352,7 +367,7 @@ def test_full_disk_keeps_previous_textfile_and_recovers(
     assert "textfile written again" in log
 
 
-@pytest.mark.parametrize("kind", ["directory", "symlink", "readonly"])
+@pytest.mark.parametrize("kind", ["directory", "symlink", "readonly", "missing-dir"])
 def test_bad_textfile_path_fails_at_start(kind: str, pin_dir: str, tmp_path: Path) -> None:
     target = tmp_path / "elsewhere.prom"
     target.write_text("untouched\n")
@@ -365,14 +380,18 @@ def test_bad_textfile_path_fails_at_start(kind: str, pin_dir: str, tmp_path: Pat
             tf = tmp_path / "link.prom"
             tf.symlink_to(target)
             want = "is a symlink; refusing to follow it"
-        else:
+        elif kind == "readonly":
             ro = stack.enter_context(tmpfs(tmp_path / "ro", "ro,size=64k"))
             tf = ro / "t.prom"
             want = "read-only filesystem"
-        r = cli("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,
+        else:  # a typo: the directory is not created, node_exporter would never read it
+            tf = tmp_path / "nodir" / "t.prom"
+            want = f"textfile directory {tmp_path / 'nodir'} does not exist"
+        r = cli("run", "--once", "--config", str(toml(tmp_path, DEFAULTS)), "--pin-dir", pin_dir,
                 "--textfile", str(tf))  # fmt: skip
         assert want in one_error_line(r)
     assert target.read_text() == "untouched\n"
+    assert not os.path.exists(tmp_path / "nodir")
     assert not os.path.exists(pin_dir)  # failed before loading anything
 
 
@@ -388,7 +407,7 @@ def pinned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     tmp = tmp_path_factory.mktemp("pinned")
     pin_dir = f"/sys/fs/bpf/ebt-test-{os.getpid()}-pinned"
     tf = tmp / "t.prom"
-    r = cli("run", "--once", "--config", str(toml(tmp, "")), "--pin-dir", pin_dir,
+    r = cli("run", "--once", "--config", str(toml(tmp, DEFAULTS)), "--pin-dir", pin_dir,
             "--textfile", str(tf), "--interval", str(INTERVAL))  # fmt: skip
     assert r.returncode == 0, r.stderr
     yield pin_dir, tf
@@ -401,9 +420,10 @@ BAD_CONFIGS = [
     ('interval_seconds = "5"', "interval_seconds must be int or float, not str"),
     ('[peers]\na = ["10.0.0.0/33"]', "bad CIDR '10.0.0.0/33'"),
     ('[peers]\na = ["10.0.0.0/24"]\nb = ["10.0.0.0/24"]', "listed under both 'a' and 'b'"),
-    ("interval_seconds = 0", "interval_seconds must be > 0"),
-    ("interval_seconds = -0.5", "interval_seconds must be > 0"),
-    ("interval_seconds = inf", "interval_seconds must be > 0"),
+    ("interval_seconds = 0", "interval_seconds must be >= 1"),
+    ("interval_seconds = -0.5", "interval_seconds must be >= 1"),
+    ("interval_seconds = inf", "interval_seconds must be >= 1"),
+    ("interval_seconds = 0.001", "interval_seconds must be >= 1 (seconds)"),
     ("sample_rate = -1", "sample_rate must be >= 0"),
     ('listen = "x:99999"', "is not HOST:PORT"),
 ]
@@ -446,11 +466,44 @@ def test_inspect_missing_pin_dir() -> None:
     assert not os.path.exists("/sys/fs/bpf/ebt-does-not-exist")
 
 
+def test_unload_refuses_a_dir_off_bpffs(tmp_path: Path) -> None:
+    """A mistyped --pin-dir: ordinary files named like our pins are not ours."""
+    d = tmp_path / "x"
+    (d / "links").mkdir(parents=True)
+    (d / "events").write_text("an ordinary file\n")
+    (d / "links" / "sched_switch").write_text("also ordinary\n")
+    r = cli("unload", "--pin-dir", str(d))
+    assert "is not on a BPF filesystem; nothing deleted" in one_error_line(r)
+    assert (d / "events").read_text() == "an ordinary file\n"
+    assert (d / "links" / "sched_switch").exists()
+
+
+def test_unload_is_idempotent(pin_dir: str) -> None:
+    """Uninstall scripts re-run: a missing or empty pin dir is exit 0."""
+    for _ in range(2):  # missing, then missing again
+        r = cli("unload", "--pin-dir", pin_dir)
+        assert (r.returncode, r.stdout.strip()) == (0, f"nothing to unload at {pin_dir}"), r
+    os.makedirs(os.path.join(pin_dir, "links"), mode=0o700)  # what a crash at start leaves
+    r = cli("unload", "--pin-dir", pin_dir)
+    assert (r.returncode, r.stdout.strip()) == (0, f"nothing to unload at {pin_dir}"), r
+    assert not os.path.exists(pin_dir)
+
+
+def test_unload_refuses_a_bpffs_dir_without_our_pins(pin_dir: str) -> None:
+    os.makedirs(pin_dir, mode=0o700)
+    bpftool_map(f"{pin_dir}/someone_elses", "type", "array", "key", "4", "value", "8",
+                "entries", "1", "name", "someone_elses")  # fmt: skip
+    r = cli("unload", "--pin-dir", pin_dir)
+    assert "holds no ebpf-telemetry pins; nothing deleted" in one_error_line(r)
+    assert os.listdir(pin_dir) == ["someone_elses"]
+    os.unlink(f"{pin_dir}/someone_elses")
+
+
 def bpftool_map(path: str, *spec: str) -> None:
     subprocess.run(["bpftool", "map", "create", path, *spec], check=True)
 
 
-def test_foreign_pins_are_refused(pin_dir: str, tmp_path: Path) -> None:
+def test_foreign_pins_are_refused_with_strict_pins(pin_dir: str, tmp_path: Path) -> None:
     os.makedirs(pin_dir, mode=0o700)
     bpftool_map(f"{pin_dir}/rtt_hist_map", "type", "percpu_array", "key", "4", "value", "8",
                 "entries", "4", "name", "rtt_hist_map")  # fmt: skip
@@ -458,19 +511,73 @@ def test_foreign_pins_are_refused(pin_dir: str, tmp_path: Path) -> None:
                 "entries", "1", "name", "settings_map")  # fmt: skip
     tf = tmp_path / "t.prom"
     before = disk_state(pin_dir, tf)
-    r = cli("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,
-            "--textfile", str(tf))  # fmt: skip
+    strict = toml(tmp_path, "strict_pins = true\n")
+    r = cli("run", "--once", "--config", str(strict), "--pin-dir", pin_dir, "--textfile", str(tf))
     line = one_error_line(r)
-    assert "value 8 B; expected" in line and "unload" in line
+    assert "value 8 B; expected" in line and "unload" in line and "strict_pins" in line
+    r = cli("doctor", "--config", str(strict), "--pin-dir", pin_dir, "--textfile", str(tf))
+    assert r.returncode == 1 and "FAIL pins:" in r.stdout and "run refuses them" in r.stdout
     r = cli("inspect", "--pin-dir", pin_dir)
     assert "value 8 B; expected" in one_error_line(r)
     assert disk_state(pin_dir, tf) == before
     assert sorted(os.listdir(pin_dir)) == ["rtt_hist_map", "settings_map"]
 
 
+def test_pins_of_another_layout_are_replaced_by_run(
+    lab: Any, pin_dir: str, tmp_path: Path
+) -> None:
+    """An upgrade across a layout change: the map of another layout (here a
+    run-queue histogram with 8-byte values, as an earlier release could have
+    left it) is replaced, its counters restart, the other maps keep theirs."""
+    a, b, veth = lab
+    cfg = toml(tmp_path, peers_toml({"b": [f"{veth.v4_b}/32"]}))
+    tf = tmp_path / "t.prom"
+    run = ("run", "--once", "--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(tf),
+           "--interval", str(INTERVAL))  # fmt: skip
+    with TcpEchoServer(b, veth.v4_b) as srv, TcpPingPong(a, [(veth.v4_b, srv.port)]) as pp:
+        assert cli(*run).returncode == 0
+        pp.run(200)
+        assert rtt_count(tf, "b") == 0  # counted after the write
+        os.unlink(f"{pin_dir}/runqlat_hist_map")
+        bpftool_map(f"{pin_dir}/runqlat_hist_map", "type", "percpu_array", "key", "4",
+                    "value", "8", "entries", "1", "name", "runqlat_hist_map")  # fmt: skip
+        d = cli("doctor", "--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(tf))
+        assert d.returncode == 0, d.stdout
+        assert "warn pins:" in d.stdout and "run replaces runqlat_hist_map" in d.stdout, d.stdout
+
+        r = cli(*run)
+        assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")]
+    warned = [x for x in records if x["level"] == "warning"]
+    assert [(x["msg"], x["maps"]) for x in warned] == [
+        ("pinned maps of another layout replaced; their counters restart", ["runqlat_hist_map"])
+    ], warned
+    text = tf.read_text()
+    assert value(text, "ebpf_pins_replaced_total") == 1
+    assert rtt_count(tf, "b") >= 200  # kept its counts
+    with Pins(pin_dir) as pins:  # ours again, and written by the programs now attached
+        n0 = pins.runqlat_hist().count
+        wait_until(lambda: pins.runqlat_hist().count > n0, 10, what="run-queue samples")
+    r = cli(*run)  # nothing left to replace
+    assert r.returncode == 0 and "another layout" not in r.stderr, r.stderr
+    assert value(tf.read_text(), "ebpf_pins_replaced_total") == 0
+
+
+def test_pins_to_replace_keep_the_peer_group_together() -> None:
+    from ebpf_telemetry.pincheck import PEER_GROUP, PinSurvey
+
+    present = ("rtt_hist_map", "node_metrics_map", "peer_info_map", "peer_addr_map",
+               "peer_cidr_map", "stats_map", "runqlat_hist_map")  # fmt: skip
+    alone = PinSurvey("/x", present, {"runqlat_hist_map": "value differs"})
+    assert alone.to_replace() == ("runqlat_hist_map",)
+    peers = PinSurvey("/x", present, {"peer_info_map": "value differs"})
+    assert set(peers.to_replace()) == set(PEER_GROUP) & set(present)
+    assert "stats_map" not in peers.to_replace()
+
+
 def test_no_btf(pin_dir: str, tmp_path: Path) -> None:
     tf = tmp_path / "t.prom"
-    r = cli("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,
+    r = cli("run", "--once", "--config", str(toml(tmp_path, DEFAULTS)), "--pin-dir", pin_dir,
             "--textfile", str(tf), env={"EBPF_TELEMETRY_BTF": "/nonexistent/vmlinux"})  # fmt: skip
     assert "no kernel BTF at /nonexistent/vmlinux" in one_error_line(r)
     assert not os.path.exists(pin_dir) and not tf.exists()
@@ -493,7 +600,7 @@ def test_runs_with_exactly_the_documented_caps(pin_dir: str, tmp_path: Path) -> 
     assert set(host.REQUIRED_CAPS) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
     assert "CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN" in Path("docs/security.md").read_text()
     tf = tmp_path / "t.prom"
-    args = ("run", "--once", "--config", str(toml(tmp_path, "")), "--pin-dir", pin_dir,
+    args = ("run", "--once", "--config", str(toml(tmp_path, DEFAULTS)), "--pin-dir", pin_dir,
             "--textfile", str(tf), "--interval", str(INTERVAL))  # fmt: skip
     r = cli("doctor", prefix=with_caps(RUN_CAPS))
     assert r.returncode == 0, r.stdout
@@ -520,6 +627,11 @@ def test_runs_with_exactly_the_documented_caps(pin_dir: str, tmp_path: Path) -> 
     assert disk_state(pin_dir, tf) == before
     r = cli("doctor", prefix=with_caps(""))
     assert r.returncode == 1 and "FAIL capabilities: missing" in r.stdout, r.stdout
+    # pins it cannot read without CAP_SYS_ADMIN: a warning, never "another layout"
+    r = cli("doctor", "--pin-dir", pin_dir, "--textfile", str(tf),
+            prefix=with_caps(",+bpf,+perfmon"))  # fmt: skip
+    pins = next(x for x in r.stdout.splitlines() if " pins: " in x)
+    assert pins.startswith("warn pins:") and "cannot read" in pins, r.stdout
 
 
 def test_listen_defaults_to_loopback(pin_dir: str, tmp_path: Path, agents: list[AgentProc]) -> None:
@@ -531,7 +643,7 @@ def test_listen_defaults_to_loopback(pin_dir: str, tmp_path: Path, agents: list[
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    agents.append(agent := AgentProc(toml(tmp_path, ""), pin_dir, tmp_path / "t.prom",
+    agents.append(agent := AgentProc(toml(tmp_path, DEFAULTS), pin_dir, tmp_path / "t.prom",
                                      "--listen", f":{port}"))  # fmt: skip
     agent.wait_write()
     wait_until(lambda: listening(port), 10, what="the listener")

@@ -179,6 +179,7 @@ extern "Python" int ebt_ringbuf_cb(void *ctx, void *data, size_t size);
 void ebt_install_log(void);
 int mount(const char *source, const char *target, const char *fstype, unsigned long flags,
           const void *data);
+int ebt_fs_type(const char *path, unsigned long long *type);
 ring_buffer_sample_fn ebt_ringbuf_sample;
 """
 
@@ -187,7 +188,9 @@ C_SOURCE = """
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdbool.h>
+#include <errno.h>
 #include <sys/mount.h>
+#include <sys/vfs.h>
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <linux/btf.h>
@@ -230,6 +233,17 @@ static void ebt_install_log(void)
 }
 
 static ring_buffer_sample_fn ebt_ringbuf_sample = ebt_ringbuf_cb;
+
+/* statfs(2)'s f_type (the filesystem's magic number) of path; 0 or -errno */
+static int ebt_fs_type(const char *path, unsigned long long *type)
+{
+    struct statfs s;
+
+    if (statfs(path, &s) != 0)
+        return -errno;
+    *type = (unsigned long long)(unsigned int)s.f_type;
+    return 0;
+}
 """
 
 ffibuilder = FFI()

@@ -21,11 +21,11 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, host, loader, lock, peertable
+from ebpf_telemetry import exporter, host, loader, lock, peertable, pincheck
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
-from ebpf_telemetry.metrics import TelemetryCollector
+from ebpf_telemetry.metrics import ReloadState, TelemetryCollector
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
 log = structlog.get_logger("agent")
@@ -103,9 +103,11 @@ class Agent:
             if created:
                 os.rmdir(self.cfg.pin_dir)
             raise
-        state = loader.attach(self.cfg)
+        replaced = pincheck.replace_other_layouts(self.cfg.pin_dir, self.cfg.strict_pins)
+        state = loader.attach(self.cfg, renew=bool(replaced))
         self.pins_ino = self._pins_ino()
         self.collector.collectors = state
+        self.collector.pins_replaced += len(replaced)
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         return state
 
@@ -197,7 +199,9 @@ class Agent:
             peertable.apply(self.pins, new)
         except TelemetryError as e:
             log.error("config not reloaded; keeping the old one", error=str(e))
+            self.collector.reload = ReloadState(False, self.collector.reload.success_at)
             return
         self.cfg = new
         self.collector.configure(new)
+        self.collector.reload = ReloadState(True, time.time())
         log.info("config reloaded", peers=len(new.peers))

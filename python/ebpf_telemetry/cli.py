@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ebpf_telemetry import __version__
 from ebpf_telemetry.binding import TelemetryError
@@ -31,37 +31,77 @@ def _positive_float(text: str) -> float:
     return v
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2 (argparse prints
+    the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (`{self.prog} --help` for usage)\n")
+
+
+def _common() -> Parser:
+    """The global flags, accepted after the subcommand too (`run -v`)."""
+    c = Parser(add_help=False)
+    c.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="debug logs (libbpf's too)",
+    )  # fmt: skip
+    return c
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="eBPF node telemetry for Prometheus")
+    from ebpf_telemetry.config import DEFAULT_CONFIG, DEFAULT_TEXTFILE, MIN_INTERVAL, Config
+
+    d = Config(node_name="")
+    p = Parser(prog=PROG, description="eBPF node telemetry for Prometheus")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs (libbpf's too)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    common = [_common()]
 
-    run = sub.add_parser("run", help="load/attach (or reuse pins), write metrics every interval")
-    run.add_argument("--config", help="TOML config file")
-    run.add_argument("--node-name")
-    run.add_argument("--interval", type=_positive_float, help="seconds (default 5)")
-    run.add_argument("--textfile", help="the .prom file for node_exporter")
-    run.add_argument("--listen", help="also serve /metrics on HOST:PORT")
-    run.add_argument("--pin-dir")
+    run = sub.add_parser(
+        "run", parents=common, help="load/attach (or reuse pins), write metrics every interval",
+        description="Flags override the config file; each default is the config's.",
+    )  # fmt: skip
+    run.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG} if it exists)")
+    run.add_argument("--node-name", help="the `node` label (default: the hostname)")
+    run.add_argument(
+        "--interval", type=_positive_float,
+        help=f"seconds between writes, >= {MIN_INTERVAL:g} (default: {d.interval_seconds:g})",
+    )  # fmt: skip
+    run.add_argument(
+        "--textfile", help=f"the .prom file for node_exporter (default: {DEFAULT_TEXTFILE})"
+    )
+    run.add_argument("--listen", help="also serve /metrics on HOST:PORT (default: off)")
+    run.add_argument("--pin-dir", help=f"(default: {DEFAULT_PIN_DIR})")
     run.add_argument("--once", action="store_true", help="one interval, one write, exit")
 
-    ins = sub.add_parser("inspect", help="print the pinned maps (no load, no attach)")
-    ins.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
-    ins.add_argument("--json", action="store_true")
-    ins.add_argument("--node", type=int, help="one node id only")
+    ins = sub.add_parser(
+        "inspect", parents=common, help="print the pinned maps (no load, no attach)"
+    )
+    ins.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"(default: {DEFAULT_PIN_DIR})")
+    ins.add_argument("--json", action="store_true", help="one JSON object")
+    ins.add_argument("--node", type=int, help="one node id only (default: every node)")
 
-    ev = sub.add_parser("events", help="stream sampled events as JSON lines")
-    ev.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
-    ev.add_argument("--type", choices=sorted(EVENT_TYPES.values()))
-    ev.add_argument("--count", type=int, help="stop after N events")
+    ev = sub.add_parser("events", parents=common, help="stream sampled events as JSON lines")
+    ev.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"(default: {DEFAULT_PIN_DIR})")
+    ev.add_argument(
+        "--type", choices=sorted(EVENT_TYPES.values()), help="one type only (default: all)"
+    )
+    ev.add_argument("--count", type=int, help="stop after N events (default: never)")
 
-    un = sub.add_parser("unload", help="detach everything and remove the pins")
-    un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    un = sub.add_parser("unload", parents=common, help="detach everything and remove the pins")
+    un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"(default: {DEFAULT_PIN_DIR})")
     un.add_argument("--force", action="store_true", help="even while an agent runs on them")
 
-    doc = sub.add_parser("doctor", help="check that this machine can run the agent")
-    doc.add_argument("--json", action="store_true", help="the verdict as one JSON object")
+    doc = sub.add_parser(
+        "doctor", parents=common, help="check that this machine can run the agent",
+        description="Checks what `run` with the same config and flags would meet.",
+    )  # fmt: skip
+    doc.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG} if it exists)")
+    doc.add_argument("--textfile", help=f"(default: {DEFAULT_TEXTFILE})")
+    doc.add_argument("--pin-dir", help=f"(default: {DEFAULT_PIN_DIR})")
+    doc.add_argument("--json", action="store_true", help="every check as one JSON object")
     return p
 
 
@@ -117,14 +157,27 @@ def cmd_unload(a: argparse.Namespace) -> int:
     from ebpf_telemetry import loader
 
     removed = loader.unload(a.pin_dir, force=a.force)
-    print(f"removed {len(removed)} pins from {a.pin_dir}")
+    if removed:
+        print(f"removed {len(removed)} pins from {a.pin_dir}")
+    else:
+        print(f"nothing to unload at {a.pin_dir}")
     return 0
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
-    from ebpf_telemetry import doctor
+    from ebpf_telemetry import config, doctor
 
-    return doctor.run(as_json=a.json)
+    overrides = {"textfile": a.textfile, "pin_dir": a.pin_dir}
+    path = a.config
+    if path is None and os.path.exists(config.DEFAULT_CONFIG):
+        path = config.DEFAULT_CONFIG
+    try:
+        cfg = config.load(path, overrides)
+        check = doctor.Check("config", True, path or "none: the defaults")
+    except config.ConfigError as e:
+        cfg = config.load(None, overrides)
+        check = doctor.Check("config", False, str(e))
+    return doctor.run(cfg, check, as_json=a.json)
 
 
 COMMANDS = {

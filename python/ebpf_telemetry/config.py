@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
+import structlog
+
 from ebpf_telemetry.binding import TelemetryError, lib
 from ebpf_telemetry.histogram import EDGE_SCHEMES, edge_slots
 from ebpf_telemetry.maps import DEFAULT_PIN_DIR
@@ -19,6 +21,8 @@ from ebpf_telemetry.maps import DEFAULT_PIN_DIR
 DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/ebpf_telemetry.prom"
 DEFAULT_CONFIG = "/etc/ebpf-telemetry/config.toml"
 RESERVED_PEER = "other"
+
+log = structlog.get_logger("config")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,6 +48,8 @@ class Config:
     rtt_buckets: str = "pow2x2"
     rtt_bucket_range_seconds: tuple[float, float] = (0.00005, 0.5)
     debug_trace: bool = False
+    # pins of another layout: replaced by `run` (False) or refused (True)
+    strict_pins: bool = False
     peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
 
     @property
@@ -65,11 +71,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rtt_buckets": (str,),
     "rtt_bucket_range_seconds": (list,),
     "debug_trace": (bool,),
+    "strict_pins": (bool,),
     "peers": (dict,),
 }
 
 
 LOOPBACK = "127.0.0.1"
+MIN_INTERVAL = 1.0  # a collection reads every map: sub-second intervals cost more than they show
 MAX_INTERVAL = 86400.0
 MAX_SAMPLE_RATE = 2**32 - 1
 
@@ -149,8 +157,8 @@ def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -
 
 
 def validate(cfg: Config, where: str) -> None:
-    if not (math.isfinite(cfg.interval_seconds) and cfg.interval_seconds > 0):
-        raise ConfigError(f"{where}: interval_seconds must be > 0")
+    if not (math.isfinite(cfg.interval_seconds) and cfg.interval_seconds >= MIN_INTERVAL):
+        raise ConfigError(f"{where}: interval_seconds must be >= {MIN_INTERVAL:g} (seconds)")
     if cfg.interval_seconds > MAX_INTERVAL:
         raise ConfigError(f"{where}: interval_seconds must be <= {MAX_INTERVAL:g}")
     if cfg.sample_rate < 0:
@@ -204,6 +212,8 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): TOML is UTF-8") from None
+        if not data:  # a truncated or mistyped file reads as "all defaults": say so
+            log.warning("config file holds no settings; running on the defaults", config=path)
     cfg = from_mapping(data, where)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     return from_mapping(flags, "command line", cfg) if flags else cfg

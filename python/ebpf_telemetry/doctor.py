@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from ebpf_telemetry import btf, facts, host, loader, plan
+from ebpf_telemetry import btf, exporter, facts, host, loader, pincheck, plan
+from ebpf_telemetry.binding import TelemetryError
+from ebpf_telemetry.config import Config
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,61 @@ def verdicts(kernel: facts.KernelFacts, can_load: bool) -> list[Verdict]:
     return out
 
 
-def run(as_json: bool = False) -> int:
+def setup_checks(cfg: Config, config_check: Check) -> Iterator[Check]:
+    """What `run` with this config meets besides the kernel: its config, the
+    textfile's directory, and the pins already in its pin dir."""
+    yield config_check
+    try:
+        exporter.check_writable(cfg.textfile)
+        yield Check("textfile", True, f"{cfg.textfile} can be written")
+    except TelemetryError as e:
+        yield Check("textfile", False, str(e), "create the directory node_exporter reads")
+    yield pins_check(cfg)
+
+
+def pins_check(cfg: Config) -> Check:
+    """What `run` will do with what is pinned in the pin dir."""
+    where = cfg.pin_dir
+    if not os.path.isdir(where):
+        return Check("pins", True, f"none at {where}: run creates them")
+    try:
+        found = pincheck.survey(where)
+    except (PermissionError, TelemetryError) as e:
+        return Check("pins", False, f"{where}: cannot read: {e}", "run as root", fatal=False)
+    if not found.present:
+        return Check("pins", True, f"none at {where}: run creates them")
+    if found.other_layout and cfg.strict_pins:
+        names = ", ".join(found.other_layout)
+        return Check(
+            "pins", False, f"{where}: maps of another layout: {names}; run refuses them "
+            "(strict_pins = true)", "`ebpf-telemetry unload` (their counters restart)",
+        )  # fmt: skip
+    if found.other_layout:
+        names = ", ".join(found.to_replace())
+        return Check(
+            "pins", False, f"{where}: maps of another layout: run replaces {names} "
+            "(their counters restart; the other maps keep theirs)",
+            "nothing to do; strict_pins = true refuses them instead", fatal=False,
+        )  # fmt: skip
+    if found.resized(cfg.max_peers):
+        return Check("pins", False, loader.resized_message(found.pinned_peers or 0, cfg.max_peers))
+    return Check(
+        "pins", True, f"{where}: {len(found.present)} maps of this layout: run reuses them "
+        "(counters continue)",
+    )  # fmt: skip
+
+
+def run(cfg: Config, config_check: Check, as_json: bool = False) -> int:
     kernel = facts.current()
-    checks = list(system_checks(kernel))
-    can_load = all(c.ok for c in checks if c.fatal)
+    checks = [*system_checks(kernel), *setup_checks(cfg, config_check)]
+    can_load = all(c.ok for c in checks if c.fatal and c.name in LOAD_NEEDS)
     found = verdicts(kernel, can_load)
     checks += [v.check() for v in found]
     if not any(v.variant for v in found):
         checks.append(Check("collectors", False, "none can run on this kernel"))
     bad = [c for c in checks if not c.ok and c.fatal]
     if as_json:
-        print(json.dumps(_as_dict(kernel, found, bad), indent=1))
+        print(json.dumps(_as_dict(kernel, checks, found, bad), indent=1))
     else:
         for c in checks:
             print(c.line())
@@ -117,14 +163,20 @@ def run(as_json: bool = False) -> int:
     return 1 if bad else 0
 
 
+# a trial load needs these; the others (config, textfile, pins) do not stop it
+LOAD_NEEDS = ("capabilities", "btf", "bpf object")
+
+
 def _as_dict(
-    kernel: facts.KernelFacts, found: list[Verdict], bad: list[Check]
+    kernel: facts.KernelFacts, checks: list[Check], found: list[Verdict], bad: list[Check]
 ) -> dict[str, object]:
     return {
         "kernel": kernel.release,
+        "checks": [asdict(c) for c in checks],
         "collectors": {
             v.choice.name: {"variant": v.variant, "why": v.why, "loaded": v.tried} for v in found
         },
+        "warnings": [c.line() for c in checks if not c.ok and not c.fatal],
         "problems": [c.line() for c in bad],
         "ok": not bad,
     }

@@ -4,8 +4,14 @@ The kernel sends events only while a consumer holds a fresh lease (Lease):
 with nobody reading, no event is sent and none is lost.
 
 The ring buffer's consumer is one callback per event, so the per-event path
-is kept short: struct unpacking, one f-string per line (ints and a fixed type
-name: nothing to escape), output written per batch or poll, not per line.
+is kept short: struct unpacking, one f-string per line (ints, a fixed type
+name and a timestamp: nothing to escape), output written per batch or poll,
+not per line.
+
+Fields of a line (docs: README.md, "Events"): `time` (RFC 3339, UTC, the
+wall-clock time of the event: timestamp_ns plus the realtime - monotonic
+offset read at each poll), `node_id`, `type`, `value`, `timestamp_ns`
+(CLOCK_MONOTONIC ns, bpf_ktime_get_ns), `extra_data`.
 """
 
 from __future__ import annotations
@@ -97,16 +103,29 @@ class EventReader:
         os.close(self.lock_fd)
 
 
-def json_line(node: int, typ: int, value: int, ts: int, extra: int) -> str:
+def wall_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC (the clock of the events'
+    timestamp_ns) now: added to timestamp_ns, the event's wall-clock time."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def rfc3339(wall_ns: int) -> str:
+    """UTC, microseconds: 2026-11-30T10:22:16.123456Z."""
+    sec, ns = divmod(wall_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+
+
+def json_line(node: int, typ: int, value: int, ts: int, extra: int, offset: int) -> str:
     name = EVENT_TYPES.get(typ, str(typ))
     return (
-        f'{{"node_id": {node}, "type": "{name}", "value": {value}, '
-        f'"timestamp_ns": {ts}, "extra_data": {extra}}}\n'
+        f'{{"time": "{rfc3339(ts + offset)}", "node_id": {node}, "type": "{name}", '
+        f'"value": {value}, "timestamp_ns": {ts}, "extra_data": {extra}}}\n'
     )
 
 
-def as_json(e: TelemetryEvent) -> str:
-    return json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data).rstrip("\n")
+def as_json(e: TelemetryEvent, offset: int | None = None) -> str:
+    off = wall_offset_ns() if offset is None else offset
+    return json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data, off).rstrip()
 
 
 class JsonStream(EventReader):
@@ -118,6 +137,7 @@ class JsonStream(EventReader):
         super().__init__(pin_dir, lambda e: True)
         self.out, self.type_id, self.left = out, type_id, count
         self.lines: list[str] = []
+        self.offset = wall_offset_ns()
 
     def deliver(self, raw: bytes) -> int:
         if self.done:
@@ -125,7 +145,7 @@ class JsonStream(EventReader):
         node, typ, value, ts, extra = EVENT_RECORD.unpack_from(raw)
         if self.type_id is not None and typ != self.type_id:
             return 0
-        self.lines.append(json_line(node, typ, value, ts, extra))
+        self.lines.append(json_line(node, typ, value, ts, extra, self.offset))
         if self.left is not None:
             self.left -= 1
             self.done = self.left <= 0
@@ -140,6 +160,7 @@ class JsonStream(EventReader):
             self.lines.clear()
 
     def poll(self) -> None:
+        self.offset = wall_offset_ns()  # follows clock steps (NTP) between batches
         super().poll()
         self.flush()
 

@@ -35,20 +35,31 @@ def check_textfile_path(path: str) -> None:
 
 
 def preflight(path: str) -> None:
-    """Fail at start, not at the first interval, on a textfile we cannot write."""
+    """Fail at start, not at the first interval, on a textfile we cannot
+    write; remove the temporary files a killed agent left."""
+    check_writable(path)
+    remove_stale_temps(path)
+
+
+def check_writable(path: str) -> None:
+    """Can the textfile be written (atomically, beside itself)? (`doctor` too)
+
+    The directory is never created: it is node_exporter's
+    --collector.textfile.directory, and a mistyped path that "works" would
+    write a file nobody reads."""
     check_textfile_path(path)
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise TextfileError(f"textfile directory {directory}: {e.strerror}") from None
+    if not os.path.exists(directory):
+        raise TextfileError(
+            f"textfile directory {directory} does not exist (node_exporter's "
+            "--collector.textfile.directory; it is not created)"
+        )
     if not os.path.isdir(directory):
         raise TextfileError(f"textfile directory {directory} is not a directory")
     if os.statvfs(directory).f_flag & os.ST_RDONLY:
         raise TextfileError(f"textfile directory {directory} is on a read-only filesystem")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise TextfileError(f"textfile directory {directory} is not writable")
-    remove_stale_temps(path)
 
 
 def _temp_name(path: str, pid: int) -> str:
@@ -91,7 +102,6 @@ def write_atomic(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = _temp_name(path, os.getpid())
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             os.fchmod(fd, 0o644)

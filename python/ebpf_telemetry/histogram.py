@@ -80,6 +80,18 @@ def edge_slots(scheme: str, low_seconds: float, high_seconds: float) -> tuple[in
     )
 
 
+def le_seconds(us: int) -> str:
+    """The canonical `le` label of an edge of `us` microseconds: the shortest
+    decimal that reads back as the float nearest to us / 10^6 (Python's repr,
+    as prometheus_client writes floats below 10^6: 6e-05, 0.00012, 1.0, 1.5).
+
+    The edge is exact in integers and converted from its decimal string, never
+    multiplied in floating point (1e-6 * 60 is 5.9999999999999995e-05), so the
+    same edge has the same label in every release and `sum by (le)` holds
+    across a fleet of mixed versions."""
+    return repr(float(f"{us}e-6"))
+
+
 def cumulative(slots: Sequence[int], cuts: Sequence[int]) -> list[int]:
     """For each cut slot s: how many values are below slot_lower(s)."""
     out, below, prev = [], 0, 0

@@ -18,6 +18,7 @@ log = structlog.get_logger("host")
 
 BPFFS_ROOT = "/sys/fs/bpf"
 TRACEFS = "/sys/kernel/tracing"
+BPF_FS_MAGIC = 0xCAFE4A11  # statfs(2) f_type of bpffs (linux/magic.h)
 
 
 # -- filesystems -----------------------------------------------------------------
@@ -33,6 +34,19 @@ def mounted_fstype(path: str) -> str | None:
             if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
                 best, fstype = mnt, typ
     return fstype
+
+
+def fs_magic(path: str) -> int:
+    """statfs(2) f_type of the filesystem holding path (symlinks followed)."""
+    out = ffi.new("unsigned long long *")
+    err = lib.ebt_fs_type(path.encode(), out)
+    if err < 0:
+        raise BpfError(f"statfs {path}", err)
+    return int(out[0])
+
+
+def on_bpffs(path: str) -> bool:
+    return fs_magic(path) == BPF_FS_MAGIC
 
 
 def ensure_mount(target: str, fstype: str, options: str = "") -> None:

@@ -55,6 +55,17 @@ MAPS: dict[str, MapSpec] = {
 }
 
 
+# sized by max_peers (+2: the host and `other`), indexed by peer id
+NODE_MAPS = (
+    "rtt_hist_map",
+    "node_metrics_map",
+    "peer_info_map",
+    "peer_addr_map",
+    "peer_seen_map",
+    "peer_free_map",
+)
+
+
 def _kind(t: Any) -> int:
     return int((t.info >> 24) & 0x1F)
 

@@ -22,24 +22,15 @@ from typing import Any
 
 import structlog
 
-from ebpf_telemetry import facts, host, lock, peertable, plan, programs
+from ebpf_telemetry import facts, host, lock, peertable, pincheck, plan, programs
 from ebpf_telemetry.binding import BpfError, TelemetryError, captured, check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.facts import KernelFacts
-from ebpf_telemetry.layout import MAPS
+from ebpf_telemetry.layout import MAPS, NODE_MAPS
 from ebpf_telemetry.maps import Pins
-from ebpf_telemetry.pinned import PinnedMap
 
 log = structlog.get_logger("loader")
 
-NODE_MAPS = (
-    "rtt_hist_map",
-    "node_metrics_map",
-    "peer_info_map",
-    "peer_addr_map",
-    "peer_seen_map",
-    "peer_free_map",
-)
 # pinned by earlier releases; unload removes them (cpu_time_map: CPU time is
 # read from /proc/stat since 0.2, cputime.py says why)
 LEGACY_PINS = ("peer_alloc_map", "cpu_time_map")
@@ -143,20 +134,18 @@ def trial(choice: plan.Choice) -> str | None:
 
 def _check_existing(cfg: Config) -> None:
     """Pinned maps must be ours, of this layout and size, before libbpf reuses them."""
-    want = cfg.max_peers + 2
-    for name in MAPS:
-        if not os.path.exists(os.path.join(cfg.pin_dir, name)):
-            continue
-        m = PinnedMap(cfg.pin_dir, name)
-        try:
-            if name in NODE_MAPS and m.max_entries != want:
-                raise TelemetryError(
-                    f"pinned maps hold {m.max_entries - 2} peers, config asks max_peers "
-                    f"{cfg.max_peers}: run `ebpf-telemetry unload` (resets counters) or keep "
-                    f"max_peers = {m.max_entries - 2}"
-                )
-        finally:
-            m.close()
+    found = pincheck.survey(cfg.pin_dir)
+    if found.other_layout:
+        raise TelemetryError(next(iter(found.other_layout.values())))
+    if found.resized(cfg.max_peers):
+        raise TelemetryError(resized_message(found.pinned_peers or 0, cfg.max_peers))
+
+
+def resized_message(pinned: int, wanted: int) -> str:
+    return (
+        f"pinned maps hold {pinned} peers, config asks max_peers {wanted}: run "
+        f"`ebpf-telemetry unload` (resets counters) or keep max_peers = {pinned}"
+    )
 
 
 def link_path(pin_dir: str, tracepoint: str) -> str:
@@ -167,10 +156,12 @@ def linked(pin_dir: str, c: plan.Collector) -> bool:
     return all(os.path.exists(link_path(pin_dir, tp)) for tp in c.tracepoints)
 
 
-def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
+def attach(cfg: Config, kernel: KernelFacts | None = None, renew: bool = False) -> list[Running]:
     """Make every collector this kernel can serve run, reusing pins; write
     peers and settings. `kernel`: the facts to plan with (default: this
-    kernel's, or EBPF_TELEMETRY_FACTS).
+    kernel's, or EBPF_TELEMETRY_FACTS). `renew`: replace every pinned link
+    even where it runs these very programs (maps were replaced: the pinned
+    programs still write the old ones).
 
     Every planned collector is loaded; one whose pinned links already run
     these very programs (same tags) is kept as it is; one whose links run
@@ -201,7 +192,7 @@ def attach(cfg: Config, kernel: KernelFacts | None = None) -> list[Running]:
                     else _skipped(ch.name, str(e))
                 )
                 continue
-            if pinned and _runs_already(obj, ch.variant, cfg.pin_dir):
+            if pinned and not renew and _runs_already(obj, ch.variant, cfg.pin_dir):
                 out[ch.name] = Running(ch.name, ch.variant.name, "pinned", ch.why)
             else:
                 todo.append((ch, obj, "upgraded" if pinned else "attached"))
@@ -268,13 +259,31 @@ def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
         lib.bpf_link__destroy(link)  # the pin keeps it attached
 
 
+def our_pins() -> list[str]:
+    """Every name we pin under a pin dir (links, maps, pins of earlier releases)."""
+    tps = [tp for c in plan.COLLECTORS for tp in c.tracepoints]
+    return [*(f"links/{tp}{s}" for tp in tps for s in ("", "-new")), *MAPS, *LEGACY_PINS]
+
+
 def unload(pin_dir: str, force: bool = False) -> list[str]:
-    """Detach every collector and remove every pin; what was removed. Refused
-    while an agent holds the pin dir (force: all the same; the agent then
-    notices within one interval and exits non-zero)."""
-    removed: list[str] = []
-    if not os.path.isdir(pin_dir):
-        raise TelemetryError(f"nothing pinned at {pin_dir}")
+    """Detach every collector and remove every pin; what was removed ([] when
+    there is nothing to unload: no pin dir, or an empty one).
+
+    Acts only on a directory on bpffs that holds our pins (or nothing): the
+    filesystem is checked first, so a mistyped --pin-dir deletes nothing.
+    Refused while an agent holds the pin dir (force: all the same; the agent
+    then notices within one interval and exits non-zero)."""
+    if not os.path.lexists(pin_dir):
+        return []
+    if not host.on_bpffs(pin_dir):
+        raise TelemetryError(f"{pin_dir} is not on a BPF filesystem; nothing deleted")
+    if os.path.islink(pin_dir) or not os.path.isdir(pin_dir):
+        raise TelemetryError(f"{pin_dir} is not a directory; nothing deleted")
+    present = [n for n in our_pins() if os.path.lexists(os.path.join(pin_dir, n))]
+    dirs = {"links", lock.EVENTS_DIR}
+    foreign = set(os.listdir(pin_dir)) - {n.split("/")[0] for n in present} - dirs
+    if not present and foreign:
+        raise TelemetryError(f"{pin_dir} holds no ebpf-telemetry pins; nothing deleted")
     try:
         held = lock.take(pin_dir, "an agent")
     except lock.Busy as e:
@@ -282,26 +291,16 @@ def unload(pin_dir: str, force: bool = False) -> list[str]:
             raise TelemetryError(f"{e}: stop it first (or unload --force)") from None
         held = -1
     try:
-        return _remove_pins(pin_dir, removed)
+        for name in present:
+            os.unlink(os.path.join(pin_dir, name))
     finally:
         if held >= 0:
             os.close(held)
-
-
-def _remove_pins(pin_dir: str, removed: list[str]) -> list[str]:
-    links = os.path.join(pin_dir, "links")
-    ours = [f"links/{tp}{s}" for c in plan.COLLECTORS for tp in c.tracepoints for s in ("", "-new")]
-    ours += [*MAPS, *LEGACY_PINS]
-    for name in ours:
-        path = os.path.join(pin_dir, name)
-        if os.path.lexists(path):
-            os.unlink(path)
-            removed.append(name)
-    for d in (links, os.path.join(pin_dir, lock.EVENTS_DIR), pin_dir):
+    for d in (os.path.join(pin_dir, "links"), os.path.join(pin_dir, lock.EVENTS_DIR), pin_dir):
         try:
             os.rmdir(d)
         except FileNotFoundError:
             pass
         except OSError as e:
             raise TelemetryError(f"{d}: {e.strerror} (pins not ours are left alone)") from None
-    return removed
+    return present

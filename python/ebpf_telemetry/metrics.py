@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +22,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
 from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.config import Config
-from ebpf_telemetry.histogram import cumulative, edge_slots, slot_lower
+from ebpf_telemetry.histogram import cumulative, edge_slots, le_seconds, slot_lower
 from ebpf_telemetry.loader import Running
 from ebpf_telemetry.peertable import REPAIR_KINDS
 from ebpf_telemetry.snapshot import HOST, Window
@@ -212,18 +212,43 @@ METRICS = _defs(
         "the loader's plan (plan.py) and what the kernel accepted",
     ),
     MetricDef(
+        "ebpf_telemetry_interval_seconds",
+        "gauge",
+        ("node",),
+        "Seconds between two collections (interval_seconds): the staleness alert's unit.",
+        "config",
+    ),
+    MetricDef(
+        "ebpf_config_last_reload_successful",
+        "gauge",
+        ("node",),
+        "1 if the last config load (start or SIGHUP) succeeded, 0 if it failed and the "
+        "previous config is still in use.",
+        "agent (as prometheus_config_last_reload_successful)",
+    ),
+    MetricDef(
+        "ebpf_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        ("node",),
+        "Unix time of the last successful config load (start or SIGHUP).",
+        "agent clock",
+    ),
+    MetricDef(
+        "ebpf_pins_replaced_total",
+        "counter",
+        ("node",),
+        "Pinned maps of another layout (an earlier release's) this agent replaced at start; "
+        "their counters restarted (strict_pins = true refuses them instead).",
+        "agent (run)",
+    ),
+    MetricDef(
         "ebpf_telemetry_build_info",
         "gauge",
-        ("version", "kernel"),
+        ("node", "version", "kernel"),
         "Agent version and the kernel it runs on; always 1.",
         "package version, uname -r",
     ),
 )
-
-
-def _go(x: float) -> str:
-    """A float as Prometheus writes it (le and quantile labels)."""
-    return str(floatToGoString(x))  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -237,7 +262,15 @@ class Buckets:
     @classmethod
     def of(cls, scheme: str, low_seconds: float, high_seconds: float) -> Buckets:
         cuts = edge_slots(scheme, low_seconds, high_seconds)
-        return cls(cuts, tuple(_go(slot_lower(s) * US) for s in cuts))
+        return cls(cuts, tuple(le_seconds(slot_lower(s)) for s in cuts))
+
+
+@dataclass(frozen=True)
+class ReloadState:
+    """The last config load: did it succeed, and when did one last succeed."""
+
+    ok: bool
+    success_at: float  # Unix time
 
 
 # run-queue latency: every power of two from 1 us to 2^26 us (67 s)
@@ -298,11 +331,14 @@ class TelemetryCollector(Collector):
         self.window: Window | None = None
         self.collect_seconds = 0.0
         self.repairs: Counter[str] = Counter()  # the peer table's, by kind (peertable.Checker)
+        self.pins_replaced = 0  # maps of another layout replaced at start
+        self.reload = ReloadState(True, time.time())  # the config was loaded at start
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
-        """The node name and the RTT buckets, from a config (at start and reload)."""
+        """The node name, interval and RTT buckets, from a config (at start and reload)."""
         self.node_name = cfg.node_name
+        self.interval_seconds = cfg.interval_seconds
         low, high = cfg.rtt_bucket_range_seconds
         self.peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
         self.host_buckets = Buckets.of("all", low, high)
@@ -415,8 +451,22 @@ class TelemetryCollector(Collector):
             up.add_metric([n, r.collector, r.variant or "none"], int(r.up))
         yield up
         info = _gauge("ebpf_telemetry_build_info")
-        info.add_metric([__version__, platform.release()], 1)
+        info.add_metric([n, __version__, platform.release()], 1)
         yield info
+        yield from self._config()
+
+    def _config(self) -> Iterator[Metric]:
+        for name, value in (
+            ("ebpf_telemetry_interval_seconds", self.interval_seconds),
+            ("ebpf_config_last_reload_successful", float(self.reload.ok)),
+            ("ebpf_config_last_reload_success_timestamp_seconds", self.reload.success_at),
+        ):
+            fam = _gauge(name)
+            fam.add_metric([self.node_name], value)
+            yield fam
+        replaced = _counter("ebpf_pins_replaced_total")
+        replaced.add_metric([self.node_name], self.pins_replaced)
+        yield replaced
 
 
 def markdown() -> str:

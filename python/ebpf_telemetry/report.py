@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ebpf_telemetry import btf
-from ebpf_telemetry.histogram import slot_lower, slot_upper
+from ebpf_telemetry.histogram import MAX_SLOTS, le_seconds, slot_lower, slot_upper
 from ebpf_telemetry.snapshot import HOST, Snapshot
 from ebpf_telemetry.values import Hist
 
@@ -65,6 +65,17 @@ def idle_seconds(snap: Snapshot, node: int) -> float | None:
     return max(0.0, (snap.boottime_ns - seen) / 1e9) if seen and node in snap.peers else None
 
 
+def hist_json(h: Hist) -> dict[str, int]:
+    """Each non-empty bucket's own count (not cumulative), keyed by its upper
+    bound in seconds as the canonical `le` string (the last bucket: "+Inf").
+    A bucket holds the values below its bound and at or above the bound of
+    the bucket before it."""
+    last = MAX_SLOTS - 1
+    return {
+        "+Inf" if s == last else le_seconds(slot_upper(s)): c for s, c in enumerate(h.slots) if c
+    }
+
+
 def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
     m, h = snap.node(node), snap.hist(node)
     return {
@@ -74,7 +85,7 @@ def node_dict(snap: Snapshot, node: int) -> dict[str, Any]:
         "metrics": asdict(m),
         "rtt_p50_us": h.quantile(0.5),
         "rtt_p99_us": h.quantile(0.99),
-        "rtt_hist": {str(i): c for i, c in enumerate(h.slots) if c},
+        "rtt_hist_seconds": hist_json(h),
     }
 
 
@@ -86,7 +97,7 @@ def as_json(snap: Snapshot, only: int | None) -> str:
     return json.dumps(
         {
             "nodes": [node_dict(snap, n) for n in nodes_of(snap, only)],
-            "runqlat_hist": {str(i): c for i, c in enumerate(snap.runqlat.slots) if c},
+            "runqlat_hist_seconds": hist_json(snap.runqlat),
             "drops": drops_by_name(snap),
             "cpu": asdict(snap.cpu),
             "stats": snap.stats,
