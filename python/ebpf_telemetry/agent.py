@@ -20,11 +20,12 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, host, loader, nodes
+from ebpf_telemetry import exporter, host, loader, naming, nodes
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import TelemetryCollector
+from ebpf_telemetry.naming import PeerTable
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
 log = structlog.get_logger("agent")
@@ -72,7 +73,10 @@ class Agent:
         self.config_path = config_path
         self.overrides = overrides
         self.signals = Signals()
+        self.source = naming.open_source(cfg)  # peers_file, [kubernetes] or None
+        self.table: PeerTable | None = None  # the source's table in force
         self.collector = TelemetryCollector(cfg)
+        self.collector.source = self.source
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
@@ -87,7 +91,10 @@ class Agent:
             addr, port = self.cfg.listen_addr
             exporter.serve(self.registry, addr, port)
             log.info("listening", address=f"{addr}:{port}")
-        state = loader.attach(self.cfg)
+        if self.source is not None:
+            self.table = self.source.poll()  # a peers file is there at once; Nodes come later
+            self.collector.configure(self.cfg, naming.zones(self.cfg, self.table))
+        state = loader.attach(naming.effective(self.cfg, self.table))
         self.collector.collectors = state
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
         return state
@@ -116,6 +123,8 @@ class Agent:
             if once or self.signals.stop:
                 break
         self.pins.close()
+        if self.source is not None:
+            self.source.close()
         log.info(
             "stopped", writes=self.writes, failed_writes=self.failed_writes, pins=self.cfg.pin_dir
         )
@@ -123,6 +132,7 @@ class Agent:
 
     def cycle(self, prev: Snapshot) -> tuple[Snapshot, bool]:
         t0 = time.perf_counter()
+        self.follow_source()
         cur = take(self.pins)
         window = Window(prev, cur)
         self.collector.update(window, time.perf_counter() - t0)
@@ -141,7 +151,27 @@ class Agent:
             self.write_error = None
         return cur, True
 
+    def follow_source(self) -> None:
+        """A new table from the peers file or the Node watch, applied as a reload is."""
+        table = self.source.poll() if self.source is not None else None
+        if table is None or table == self.table:
+            return
+        try:
+            self.install(self.cfg, table)
+        except TelemetryError as e:
+            log.error("peer names not updated; keeping the old ones", error=str(e))
+            return
+        log.info("peer names updated", peers=len(table.peers))
+
+    def install(self, cfg: Config, table: PeerTable | None) -> None:
+        """cfg, with the source's table, to the kernel (nodes.apply: no count of
+        one peer under another's name) and to the labels."""
+        nodes.apply(self.pins, naming.effective(cfg, table))
+        self.cfg, self.table = cfg, table
+        self.collector.configure(cfg, naming.zones(cfg, table))
+
     def reload(self) -> None:
+        source = self.source
         try:
             new = config_mod.load(self.config_path, self.overrides)
             if new.pin_dir != self.cfg.pin_dir or new.max_peers != self.cfg.max_peers:
@@ -150,10 +180,18 @@ class Agent:
                 raise TelemetryError("listen needs a restart")
             if new.textfile != self.cfg.textfile:
                 exporter.preflight(new.textfile)
-            nodes.apply(self.pins, new)
+            table = self.table
+            if not naming.same_source(new, self.cfg):
+                source = naming.open_source(new)
+                table = source.poll() if source is not None else None
+            self.install(new, table)
         except TelemetryError as e:
+            if source is not None and source is not self.source:
+                source.close()
             log.error("config not reloaded; keeping the old one", error=str(e))
             return
-        self.cfg = new
-        self.collector.configure(new)
-        log.info("config reloaded", peers=len(new.peers))
+        if source is not self.source:
+            if self.source is not None:
+                self.source.close()
+            self.source = self.collector.source = source
+        log.info("config reloaded", peers=len(naming.effective(new, table).peers))

@@ -1,8 +1,9 @@
 """The node table: which node id is which peer, in the kernel and in labels.
 
-Node 0 is this host. Configured peers get ids 1..N that stay the same across
+Node 0 is this host. Named peers ([peers], a peers file, Kubernetes Nodes:
+naming.py) get ids 1..N that stay the same across
 reloads for a name that stays (its counters continue); an id handed to a new
-name starts from zero. With no peers configured the kernel hands out one id
+name starts from zero. With no source of names the kernel hands out one id
 per remote address (or subnet) itself, from a pool of free ids
 (bpf/nodes.bpf.h); expire() takes back the ids of peers idle for
 peer_idle_seconds. Id max_peers + 1 is `other`. Addresses are 16 bytes, IPv4
@@ -109,7 +110,7 @@ def apply(pins: Pins, cfg: Config) -> None:
        bumped again."""
     old = pins.settings()
     info_map, cidr_map = pins["peer_info_map"], pins["peer_cidr_map"]
-    auto = not cfg.peers
+    auto = cfg.auto_peers
     current = _named_ids(pins)
     ids = assign_ids(current, list(cfg.peers), cfg.max_peers)
     wanted = {
@@ -197,7 +198,7 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now_
     - a retired id, once nothing can still write it (GRACE_SECONDS later, at
       the next cycle at the earliest), is zeroed and given back to the pool:
       its next owner starts from 0 under its own label."""
-    if cfg.peers:
+    if not cfg.auto_peers:
         return 0
     info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
     _, infos = info_map.array_rows()
