@@ -190,12 +190,14 @@ def test_event_json_lines_are_json() -> None:
         10**18,
         4242,
     )
-    assert json.loads(as_json(e)) == {
+    assert json.loads(as_json(e, 'b"\\')) == {
         "node_id": 7,
+        "peer": 'b"\\',
         "type": "runqlat",
         "value": 123,
         "timestamp_ns": 10**18,
         "extra_data": 4242,
     }
     assert json.loads(json_line(*EVENT_RECORD.unpack_from(raw))) == json.loads(as_json(e))
+    assert json.loads(as_json(e))["peer"] is None
     assert io.StringIO(json_line(1, 99, 0, 0, 0)).read().endswith("}\n")

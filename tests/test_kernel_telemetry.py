@@ -424,6 +424,7 @@ def test_events_cli_gets_n_and_a_killed_one_stops_events(make_config: Any) -> No
                 lines = [json.loads(x) for x in r.stdout.splitlines()]
                 assert r.returncode == 0 and len(lines) == 50, r.stderr
                 assert {x["type"] for x in lines} == {"rtt"}
+                assert {x["peer"] for x in lines} <= {veth.v4_a, veth.v4_b}, lines[:3]
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "ebpf_telemetry", "events", "--pin-dir", cfg.pin_dir],
                     stdout=subprocess.DEVNULL,

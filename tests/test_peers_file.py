@@ -8,14 +8,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from ebpf_telemetry.peersfile import PeersFile, parse
-from netlab import TcpEchoServer, TcpPingPong, wait_until
-from test_reliability import AgentProc, agents, lab, toml, value  # noqa: F401 (fixtures)
+from netlab import Netns, TcpEchoServer, TcpPingPong, veth_pair, wait_until
+from test_reliability import AgentProc, toml, value
 
 net = ipaddress.ip_network
 
@@ -89,6 +91,21 @@ def test_missing_file_one_warning_then_read_when_back(tmp_path: Path) -> None:
 # -- the agent, real traffic -----------------------------------------------------------
 
 
+@pytest.fixture
+def lab2() -> Iterator[tuple[Netns, Netns, Any]]:
+    """a and b over a veth; b has a second address (10.241.1.50)."""
+    with Netns("a") as a, Netns("b") as b:
+        yield a, b, veth_pair(a, b, v6=None, extra_b=["10.241.1.50"])
+
+
+@pytest.fixture
+def procs() -> Iterator[list[AgentProc]]:
+    started: list[AgentProc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
 def peer_series(text: str, peer: str) -> dict[str, float | None]:
     return {
         "rtt_count": value(text, "ebpf_tcp_rtt_seconds_count", peer=peer),
@@ -107,9 +124,9 @@ def zone_of(text: str, peer: str) -> str | None:
 
 
 def test_agent_follows_the_file(
-    lab: Any, pin_dir: str, tmp_path: Path, agents: list[AgentProc]
+    lab2: Any, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
 ) -> None:
-    a, b, veth = lab
+    a, b, veth = lab2
     extra = veth.extra_b[0]
     peers = tmp_path / "peers"
     peers.write_text(f"{veth.v4_b}/32 node-b zone-b\n{extra}/32 node-x\n# bad next\nnope\n")
@@ -120,7 +137,7 @@ def test_agent_follows_the_file(
         TcpEchoServer(b, extra) as s2,
         TcpPingPong(a, [(veth.v4_b, s1.port), (extra, s2.port)]) as pp,
     ):
-        agents.append(agent := AgentProc(cfg, pin_dir, tf))
+        procs.append(agent := AgentProc(cfg, pin_dir, tf))
         agent.wait_write()
         assert f"{peers}:4" in agent.log  # the bad line, named
         pp.run(200)

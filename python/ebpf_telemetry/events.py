@@ -10,12 +10,15 @@ name: nothing to escape), output written per batch or poll, not per line.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ebpf_telemetry.binding import BpfError, check_ptr, ffi, lib, obj_get
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import EVENT_RECORD, EVENT_TYPES, TelemetryEvent
 
@@ -88,16 +91,39 @@ class EventReader:
         os.close(self.fd)
 
 
-def json_line(node: int, typ: int, value: int, ts: int, extra: int) -> str:
+def json_line(node: int, typ: int, value: int, ts: int, extra: int, peer: str = "null") -> str:
+    """peer: the JSON of the node's peer name (PeerNames), null for the host."""
     name = EVENT_TYPES.get(typ, str(typ))
     return (
-        f'{{"node_id": {node}, "type": "{name}", "value": {value}, '
+        f'{{"node_id": {node}, "peer": {peer}, "type": "{name}", "value": {value}, '
         f'"timestamp_ns": {ts}, "extra_data": {extra}}}\n'
     )
 
 
-def as_json(e: TelemetryEvent) -> str:
-    return json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data).rstrip("\n")
+def as_json(e: TelemetryEvent, peer: str | None = None) -> str:
+    line = json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data, json.dumps(peer))
+    return line.rstrip("\n")
+
+
+class PeerNames:
+    """node id -> its peer name as JSON text, read again every RENEW_SECONDS
+    (names change while events stream: a peers file, Kubernetes Nodes)."""
+
+    def __init__(self, pin_dir: str) -> None:
+        self.pins = Pins(pin_dir)
+        self.read_at = 0.0
+        self.json: dict[int, str] = {}
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.read_at < RENEW_SECONDS:
+            return
+        self.read_at = now
+        names = peer_names(self.pins)
+        self.json = {i: json.dumps(n) for i, n in names.items() if i != HOST}
+
+    def close(self) -> None:
+        self.pins.close()
 
 
 class JsonStream(EventReader):
@@ -109,6 +135,8 @@ class JsonStream(EventReader):
         super().__init__(pin_dir, lambda e: True)
         self.out, self.type_id, self.left = out, type_id, count
         self.lines: list[str] = []
+        self.names = PeerNames(pin_dir)
+        self.names.refresh()
 
     def deliver(self, raw: bytes) -> int:
         if self.done:
@@ -116,7 +144,7 @@ class JsonStream(EventReader):
         node, typ, value, ts, extra = EVENT_RECORD.unpack_from(raw)
         if self.type_id is not None and typ != self.type_id:
             return 0
-        self.lines.append(json_line(node, typ, value, ts, extra))
+        self.lines.append(json_line(node, typ, value, ts, extra, self.names.json.get(node, "null")))
         if self.left is not None:
             self.left -= 1
             self.done = self.left <= 0
@@ -133,6 +161,11 @@ class JsonStream(EventReader):
     def poll(self) -> None:
         super().poll()
         self.flush()
+        self.names.refresh()
+
+    def close(self) -> None:
+        super().close()
+        self.names.close()
 
 
 def stream_json(pin_dir: str, out: BinaryIO, type_name: str | None, count: int | None) -> None:
