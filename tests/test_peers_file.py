@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,3 +174,24 @@ def test_agent_follows_the_file(
         assert agent.log.count("peers file not read") == 1
         assert agent.stop() == 0
     print(f"\npeers file change -> textfile: {latency * 1000:.0f} ms (interval 250 ms)")
+
+
+def test_sighup_switches_from_peers_to_the_file(
+    lab2: Any, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
+) -> None:
+    veth = lab2[2]  # named peers are exported before any traffic
+    cfg = toml(tmp_path, f'[peers]\nold-b = ["{veth.v4_b}/32"]\n')
+    tf = tmp_path / "t.prom"
+    procs.append(agent := AgentProc(cfg, pin_dir, tf))
+    agent.wait_write()
+    assert zone_of(tf.read_text(), "old-b") == ""
+    peers = tmp_path / "peers"
+    peers.write_text(f"{veth.v4_b}/32 node-b zone-b\n")
+    toml(tmp_path, f'peers_file = "{peers}"\n')
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: zone_of(tf.read_text(), "node-b") == "zone-b", 10, 0.02, "the file's names")
+    assert zone_of(tf.read_text(), "old-b") is None
+    # and the file is followed from then on
+    peers.write_text(f"{veth.v4_b}/32 node-b zone-c\n")
+    wait_until(lambda: zone_of(tf.read_text(), "node-b") == "zone-c", 10, 0.02, "the new zone")
+    assert agent.stop() == 0
