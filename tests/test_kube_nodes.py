@@ -202,7 +202,9 @@ def test_agent_names_peers_after_nodes(
     stub: KubeStub, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
 ) -> None:
     with Netns("a") as a, Netns("b") as b:
-        veth = veth_pair(a, b, v6=None, extra_b=["10.241.1.50"])
+        # addresses of this test only: the hooks see every namespace's traffic
+        v4 = ("10.246.16.1/24", "10.246.16.2/24")
+        veth = veth_pair(a, b, v4, v6=None, extra_b=["10.246.16.50"])
         extra = veth.extra_b[0]
         stub.put(node_object("node-a", [veth.v4_a], "zone-a"))
         stub.put(node_object("node-b", [veth.v4_b], "zone-b"))

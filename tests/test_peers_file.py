@@ -94,9 +94,11 @@ def test_missing_file_one_warning_then_read_when_back(tmp_path: Path) -> None:
 
 @pytest.fixture
 def lab2() -> Iterator[tuple[Netns, Netns, Any]]:
-    """a and b over a veth; b has a second address (10.241.1.50)."""
+    """a and b over a veth; b has a second address. Addresses of these tests
+    only: the hooks see every namespace's traffic, other tests' too."""
+    v4 = ("10.246.17.1/24", "10.246.17.2/24")
     with Netns("a") as a, Netns("b") as b:
-        yield a, b, veth_pair(a, b, v6=None, extra_b=["10.241.1.50"])
+        yield a, b, veth_pair(a, b, v4, v6=None, extra_b=["10.246.17.50"])
 
 
 @pytest.fixture

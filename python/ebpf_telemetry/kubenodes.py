@@ -182,18 +182,21 @@ class KubeNodes:
         api: Any = None
         rv: str | None = None
         delay = self.backoff[0]
+        gone = 0  # 410s in a row: the first relists at once, more back off
         while not self.stopping.is_set():
             try:
                 api = api or client.CoreV1Api(api_client(self.cfg.kubeconfig))
                 rv = rv or self._list(api)
                 rv = self._watch(api, rv)
-                delay = self.backoff[0]
+                delay, gone = self.backoff[0], 0
             except ApiException as e:
                 if e.status == GONE:
                     log.info("node watch expired (410 Gone): listing again")
-                    rv = None
-                    continue
-                self._failed(f"API server: {e.status} {e.reason}")
+                    rv, gone = None, gone + 1
+                    if gone == 1:
+                        continue
+                else:
+                    self._failed(f"API server: {e.status} {e.reason}")
             except ConfigException as e:
                 api = None
                 self._failed(f"no kubeconfig: {e}")
