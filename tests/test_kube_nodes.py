@@ -237,8 +237,10 @@ def test_agent_names_peers_after_nodes(
             assert rtt("node-x") < 100  # none of `other`'s counts
 
             # a node deleted: its series leave the textfile
+            deleted = time.time()
             stub.delete("node-b")
             wait_until(lambda: "node-b" not in zones(tf.read_text()), 10, 0.02, "node-b gone")
+            gone = time.time() - deleted
 
             # an address that changes: node-x follows it to b's first address
             updates = agent.log.count("peer names updated")
@@ -251,6 +253,8 @@ def test_agent_names_peers_after_nodes(
             agent.wait_write(after=time.time())
             assert rtt("node-x") == x0 + 30  # v4_b's only: extra is no one's any more
         assert agent.stop() == 0
+    print(f"\nNode deleted -> its series gone from the textfile: {gone * 1000:.0f} ms "
+          "(interval 250 ms)")  # fmt: skip
 
 
 def test_a_hung_api_server_never_delays_a_write(
