@@ -312,6 +312,7 @@ def test_rss_with_5000_nodes(stub: KubeStub, pin_dir: str, tmp_path: Path,
     agent.wait_write(after=time.time())
     rss = rss_kib(agent.proc.pid)
     assert agent.stop() == 0
+    assert agent.log.count("more peers than max_peers") == 1, agent.log[-2000:]
     print(
         f"\nRSS without Kubernetes {base_rss['VmRSS'] / 1024:.0f} MiB "
         f"(peak {base_rss['VmHWM'] / 1024:.0f}); with 5,000 Nodes {rss['VmRSS'] / 1024:.0f} MiB "

@@ -94,6 +94,7 @@ class Agent:
         if self.source is not None:
             self.table = self.source.poll()  # a peers file is there at once; Nodes come later
             self.collector.configure(self.cfg, naming.zones(self.cfg, self.table))
+            self.note_left_out(self.cfg, self.table)
         state = loader.attach(naming.effective(self.cfg, self.table))
         self.collector.collectors = state
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
@@ -167,8 +168,19 @@ class Agent:
         """cfg, with the source's table, to the kernel (nodes.apply: no count of
         one peer under another's name) and to the labels."""
         nodes.apply(self.pins, naming.effective(cfg, table))
+        self.note_left_out(cfg, table, naming.left_out(self.cfg, self.table))
         self.cfg, self.table = cfg, table
         self.collector.configure(cfg, naming.zones(cfg, table))
+
+    def note_left_out(self, cfg: Config, table: PeerTable | None, before: int = 0) -> None:
+        """One warning when max_peers leaves names out (again when their number changes)."""
+        left = naming.left_out(cfg, table)
+        if left and left != before:
+            log.warning(
+                "more peers than max_peers: the last names (by name) count under peer=other",
+                left_out=left,
+                max_peers=cfg.max_peers,
+            )
 
     def reload(self) -> None:
         source = self.source

@@ -12,11 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-import structlog
-
 from ebpf_telemetry.config import Config, Network
-
-log = structlog.get_logger("naming")
 
 
 @dataclass(frozen=True)
@@ -77,13 +73,12 @@ def fit(table: PeerTable, max_peers: int) -> PeerTable:
     if len(table.peers) <= max_peers:
         return table
     kept = sorted(table.peers)[:max_peers]
-    log.warning(
-        "more peers than max_peers: the rest count under peer=other",
-        peers=len(table.peers),
-        max_peers=max_peers,
-        first_left_out=sorted(table.peers)[max_peers],
-    )
     return replace(table, peers={n: table.peers[n] for n in kept})
+
+
+def left_out(cfg: Config, table: PeerTable | None) -> int:
+    """How many of the source's names max_peers leaves out."""
+    return max(0, len(table.peers) - cfg.max_peers) if table is not None else 0
 
 
 def effective(cfg: Config, table: PeerTable | None) -> Config:
