@@ -6,9 +6,10 @@
 #            bpffs); no apt, docs, man pages, locales or gconv modules. Cached
 #            under build/image/ by a hash of everything mmdebstrap is given.
 #   layer 2  /opt/ebpf-telemetry/venv: the wheel and its dependencies from PyPI
-#            (cffi, prometheus_client, structlog: Debian 12's are too old for
-#            pyproject.toml), installed by the image's own python3 in a chroot,
-#            with pip run from its wheel so that no pip stays in the image.
+#            (cffi, prometheus_client, structlog, kubernetes and its
+#            dependencies: Debian 12's are too old for pyproject.toml),
+#            installed by the image's own python3 in a chroot, with pip run
+#            from its wheel so that no pip stays in the image.
 # umoci assembles the layers and the config into an OCI archive.
 # Usage: deploy/build-image.sh WHEEL OUT.oci.tar   (PIP: the host's pip)
 # The host's pip fetches the dependencies' wheels: IMAGE_SUITE's python3 must

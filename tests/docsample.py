@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ebpf_telemetry import btf
+from ebpf_telemetry.cputime import CpuTime
 from ebpf_telemetry.snapshot import Snapshot
-from ebpf_telemetry.values import CpuTime, Hist, NodeMetrics
+from ebpf_telemetry.values import Hist, NodeMetrics
 
 SAMPLE = Path(__file__).parent / "data" / "inspect_sample.json"
 MAX_SLOTS = len(Hist.empty().slots)
@@ -53,6 +54,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "cpu": asdict(snap.cpu),
         "misses": snap.misses,
         "seen": {str(n): t for n, t in snap.seen.items()},
+        "boottime_ns": snap.boottime_ns,
         "max_peers": snap.max_peers,
         "kernel": platform.release(),
         "collectors": {},  # fill in: collector -> variant, as `doctor` says
@@ -74,6 +76,7 @@ def from_json(d: dict[str, Any]) -> tuple[Snapshot, dict[str, int]]:
         cpu=CpuTime(**d["cpu"]),
         misses=d["misses"],
         seen={int(n): t for n, t in d["seen"].items()},
+        boottime_ns=d.get("boottime_ns", 0),
         max_peers=d["max_peers"],
     )
     return snap, d["drops_by_name"]
@@ -107,7 +110,7 @@ def textfile(d: dict[str, Any]) -> str:
 
     snap, _ = from_json(d)
     zero = Snapshot(snap.monotonic - 5, snap.wall - 5, {}, {}, dict.fromkeys(snap.stats, 0),
-                    snap.peers, Hist.empty(), {}, CpuTime(), {}, {}, snap.max_peers)  # fmt: skip
+                    snap.peers, Hist.empty(), {}, CpuTime(), {}, {}, 0, snap.max_peers)  # fmt: skip
     collector = TelemetryCollector(Config(node_name="node-a"))
     collector.update(Window(zero, snap), 0.0023)
     collector.reload = ReloadState(True, zero.wall)  # started one interval before

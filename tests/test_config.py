@@ -45,6 +45,17 @@ web = "192.0.2.1/32"
     assert cfg.listen_addr == ("127.0.0.1", 9435)
 
 
+def test_sources_of_peer_names(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, 'peers_file = "/etc/ebpf-telemetry/peers"\nzone = "z1"\n'))
+    assert cfg.peers_file == "/etc/ebpf-telemetry/peers" and cfg.zone == "z1"
+    assert not cfg.auto_peers and not cfg.kubernetes.enabled
+    text = '[kubernetes]\nenabled = true\nkubeconfig = "/k"\npod_cidrs = true\n'
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.kubernetes == config.Kubernetes(enabled=True, kubeconfig="/k", pod_cidrs=True)
+    assert not cfg.auto_peers and cfg.peers_file is None
+    assert config.load(write(tmp_path, "[kubernetes]\nenabled = false\n")).auto_peers
+
+
 def test_flags_override_file(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, 'node_name = "a"\n'), {"node_name": "b", "textfile": None})
     assert cfg.node_name == "b" and cfg.textfile == config.DEFAULT_TEXTFILE
@@ -69,6 +80,20 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ("[peers]\na = [1]", "list of CIDR strings"),
         ('listen = "nope"', "not HOST:PORT"),
         ('max_peers = 1\n[peers]\na = ["10.0.0.0/24"]\nb = ["10.1.0.0/24"]', "2 peers configured"),
+        (
+            'peers_file = "/etc/p"\n[peers]\na = ["10.0.0.0/24"]',
+            "and peers_file cannot be combined",
+        ),
+        (
+            'peers_file = "/etc/p"\n[kubernetes]\nenabled = true',
+            "peers_file and .kubernetes. enabled cannot be combined",
+        ),
+        ('peers_file = ""', "peers_file must not be empty"),
+        ("peers_file = 1", "peers_file must be str"),
+        ("zone = 1", "zone must be str"),
+        ('[kubernetes]\nenabled = "yes"', "kubernetes.enabled must be bool"),
+        ("[kubernetes]\nwatch = true", "unknown key 'kubernetes.watch'"),
+        ('[kubernetes]\nkubeconfig = ""', "kubernetes.kubeconfig must not be empty"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:

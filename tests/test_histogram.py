@@ -202,9 +202,10 @@ def test_event_json_lines_are_json() -> None:
         4242,
     )
     offset = 764_000_000 * 10**9 + 123_456_789  # realtime - monotonic
-    assert json.loads(as_json(e, offset)) == {
+    assert json.loads(as_json(e, offset, 'b"\\')) == {
         "time": "2025-11-24T16:00:00.123456Z",  # (10**18 + offset) ns since the epoch
         "node_id": 7,
+        "peer": 'b"\\',
         "type": "runqlat",
         "value": 123,
         "timestamp_ns": 10**18,
@@ -212,6 +213,7 @@ def test_event_json_lines_are_json() -> None:
     }
     line = json_line(*EVENT_RECORD.unpack_from(raw), offset)
     assert json.loads(line) == json.loads(as_json(e, offset))
+    assert json.loads(as_json(e, offset))["peer"] is None
     assert io.StringIO(json_line(1, 99, 0, 0, 0, 0)).read().endswith("}\n")
 
 

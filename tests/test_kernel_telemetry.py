@@ -408,6 +408,7 @@ def test_events_cli_gets_n_and_a_killed_one_stops_events(make_config: Any) -> No
                 walls = [datetime.fromisoformat(x["time"]).timestamp() for x in lines]
                 assert all(t0 - 0.001 <= w <= t1 for w in walls), (t0, walls, t1)
                 assert all(x["time"].endswith("Z") for x in lines)
+                assert {x["peer"] for x in lines} <= {veth.v4_a, veth.v4_b}, lines[:3]
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "ebpf_telemetry", "events", "--pin-dir", cfg.pin_dir],
                     stdout=subprocess.DEVNULL,

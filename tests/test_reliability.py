@@ -100,7 +100,7 @@ def disk_state(pin_dir: str, *files: Path) -> dict[str, Any]:
                 p = os.path.join(root, n)
                 state[p] = stat.S_IMODE(os.lstat(p).st_mode)
         with contextlib.suppress(TelemetryError), Pins(pin_dir) as pins:
-            state["generation"] = pins.settings().generation  # nodes.apply bumps it
+            state["generation"] = pins.settings().generation  # peertable.apply bumps it
     for f in files:
         state[str(f)] = (f.read_bytes(), f.stat().st_mtime_ns) if f.exists() else None
     return state
@@ -523,9 +523,7 @@ def test_foreign_pins_are_refused_with_strict_pins(pin_dir: str, tmp_path: Path)
     assert sorted(os.listdir(pin_dir)) == ["rtt_hist_map", "settings_map"]
 
 
-def test_pins_of_another_layout_are_replaced_by_run(
-    lab: Any, pin_dir: str, tmp_path: Path
-) -> None:
+def test_pins_of_another_layout_are_replaced_by_run(lab: Any, pin_dir: str, tmp_path: Path) -> None:
     """An upgrade across a layout change: the map of another layout (here a
     run-queue histogram with 8-byte values, as an earlier release could have
     left it) is replaced, its counters restart, the other maps keep theirs."""

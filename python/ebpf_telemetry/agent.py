@@ -21,11 +21,12 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import config as config_mod
-from ebpf_telemetry import exporter, host, loader, lock, peertable, pincheck
+from ebpf_telemetry import exporter, host, loader, lock, naming, peertable, pincheck
 from ebpf_telemetry.binding import TelemetryError
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import ReloadState, TelemetryCollector
+from ebpf_telemetry.naming import PeerTable
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
 log = structlog.get_logger("agent")
@@ -73,9 +74,12 @@ class Agent:
         self.config_path = config_path
         self.overrides = overrides
         self.signals = Signals()
+        self.source = naming.open_source(cfg)  # peers_file, [kubernetes] or None
+        self.table: PeerTable | None = None  # the source's table in force
         self.collector = TelemetryCollector(cfg)
-        self.table = peertable.Checker()
-        self.collector.repairs = self.table.repairs
+        self.collector.source = self.source
+        self.checker = peertable.Checker()
+        self.collector.repairs = self.checker.repairs
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
@@ -103,8 +107,12 @@ class Agent:
             if created:
                 os.rmdir(self.cfg.pin_dir)
             raise
+        if self.source is not None:
+            self.table = self.source.poll()  # a peers file is there at once; Nodes come later
+            self.collector.configure(self.cfg, naming.zones(self.cfg, self.table))
+            self.note_left_out(self.cfg, self.table)
         replaced = pincheck.replace_other_layouts(self.cfg.pin_dir, self.cfg.strict_pins)
-        state = loader.attach(self.cfg, renew=bool(replaced))
+        state = loader.attach(naming.effective(self.cfg, self.table), renew=bool(replaced))
         self.pins_ino = self._pins_ino()
         self.collector.collectors = state
         self.collector.pins_replaced += len(replaced)
@@ -119,8 +127,10 @@ class Agent:
             self.close()
 
     def close(self) -> None:
-        """The map fds and the pin dir's lock (another agent may start)."""
+        """The map fds, the source of names, the pin dir's lock (another agent may start)."""
         self.pins.close()
+        if self.source is not None:
+            self.source.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
@@ -165,14 +175,16 @@ class Agent:
                 "exiting rather than exporting frozen counters"
             )
         t0 = time.perf_counter()
+        self.follow_source()
         cur = take(self.pins)
-        mixed = self.table.check(self.pins, self.cfg)
+        mixed = self.checker.check(self.pins, naming.effective(self.cfg, self.table))
         if mixed:  # counts of two peers in one row: not exported, the ids retired
             log.error("peer ids shared by two addresses; retired", ids=sorted(mixed))
             cur = replace(cur, peers={i: p for i, p in cur.peers.items() if i not in mixed})
         window = Window(prev, cur)
         self.collector.update(window, time.perf_counter() - t0)
-        peertable.expire(self.pins, self.cfg, window.active(), cur.seen, peertable.now_ns())
+        effective = naming.effective(self.cfg, self.table)
+        peertable.expire(self.pins, effective, window.active(), cur.seen, peertable.now_ns())
         try:
             exporter.write_textfile(self.cfg.textfile, self.registry)
             self.writes += 1
@@ -187,7 +199,38 @@ class Agent:
             self.write_error = None
         return cur, True
 
+    def follow_source(self) -> None:
+        """A new table from the peers file or the Node watch, applied as a reload is."""
+        table = self.source.poll() if self.source is not None else None
+        if table is None or table == self.table:
+            return
+        try:
+            self.install(self.cfg, table)
+        except TelemetryError as e:
+            log.error("peer names not updated; keeping the old ones", error=str(e))
+            return
+        log.info("peer names updated", peers=len(table.peers))
+
+    def install(self, cfg: Config, table: PeerTable | None) -> None:
+        """cfg, with the source's table, to the kernel (peertable.apply: no count
+        of one peer under another's name) and to the labels."""
+        peertable.apply(self.pins, naming.effective(cfg, table))
+        self.note_left_out(cfg, table, naming.left_out(self.cfg, self.table))
+        self.cfg, self.table = cfg, table
+        self.collector.configure(cfg, naming.zones(cfg, table))
+
+    def note_left_out(self, cfg: Config, table: PeerTable | None, before: int = 0) -> None:
+        """One warning when max_peers leaves names out (again when their number changes)."""
+        left = naming.left_out(cfg, table)
+        if left and left != before:
+            log.warning(
+                "more peers than max_peers: the last names (by name) count under peer=other",
+                left_out=left,
+                max_peers=cfg.max_peers,
+            )
+
     def reload(self) -> None:
+        source = self.source
         try:
             new = config_mod.load(self.config_path, self.overrides)
             if new.pin_dir != self.cfg.pin_dir or new.max_peers != self.cfg.max_peers:
@@ -196,12 +239,20 @@ class Agent:
                 raise TelemetryError("listen needs a restart")
             if new.textfile != self.cfg.textfile:
                 exporter.preflight(new.textfile)
-            peertable.apply(self.pins, new)
+            table = self.table
+            if not naming.same_source(new, self.cfg):
+                source = naming.open_source(new)
+                table = source.poll() if source is not None else None
+            self.install(new, table)
         except TelemetryError as e:
+            if source is not None and source is not self.source:
+                source.close()
             log.error("config not reloaded; keeping the old one", error=str(e))
             self.collector.reload = ReloadState(False, self.collector.reload.success_at)
             return
-        self.cfg = new
-        self.collector.configure(new)
+        if source is not self.source:
+            if self.source is not None:
+                self.source.close()
+            self.source = self.collector.source = source
         self.collector.reload = ReloadState(True, time.time())
-        log.info("config reloaded", peers=len(new.peers))
+        log.info("config reloaded", peers=len(naming.effective(new, table).peers))

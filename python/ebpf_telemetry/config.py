@@ -32,6 +32,18 @@ class ConfigError(TelemetryError):
 
 
 @dataclass(frozen=True)
+class Kubernetes:
+    """[kubernetes]: name peers after the cluster's Node objects (kubenodes.py)."""
+
+    enabled: bool = False
+    kubeconfig: str | None = None  # default: in-cluster service account, then $KUBECONFIG
+    pod_cidrs: bool = False  # also map each node's spec.podCIDRs to it
+
+
+_KUBE_TYPES: dict[str, type] = {"enabled": bool, "kubeconfig": str, "pod_cidrs": bool}
+
+
+@dataclass(frozen=True)
 class Config:
     node_name: str = field(default_factory=socket.gethostname)
     interval_seconds: float = 5.0
@@ -51,6 +63,14 @@ class Config:
     # pins of another layout: replaced by `run` (False) or refused (True)
     strict_pins: bool = False
     peers: dict[str, tuple[Network, ...]] = field(default_factory=dict)
+    peers_file: str | None = None  # lines `CIDR NAME [ZONE]` (peersfile.py), re-read on change
+    zone: str = ""  # this node's zone (outside Kubernetes: there its Node's label says it)
+    kubernetes: Kubernetes = field(default_factory=Kubernetes)
+
+    @property
+    def auto_peers(self) -> bool:
+        """No peer names from anywhere: the kernel hands out one id per address."""
+        return not (self.peers or self.peers_file or self.kubernetes.enabled)
 
     @property
     def listen_addr(self) -> tuple[str, int] | None:
@@ -73,6 +93,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "debug_trace": (bool,),
     "strict_pins": (bool,),
     "peers": (dict,),
+    "peers_file": (str,),
+    "zone": (str,),
+    "kubernetes": (dict,),
 }
 
 
@@ -92,20 +115,23 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def peer_name_problem(name: str) -> str | None:
+    """Why a peer name cannot be used (the kernel's peer_info holds it), or None."""
+    if not name or name == RESERVED_PEER or "\0" in name or len(name.encode()) >= lib.PEER_NAME_LEN:
+        return (
+            f"peer name {name!r} must be 1..{lib.PEER_NAME_LEN - 1} bytes, "
+            f"without NUL, and not '{RESERVED_PEER}'"
+        )
+    return None
+
+
 def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...]]:
     peers: dict[str, tuple[Network, ...]] = {}
     owner: dict[Network, str] = {}
     for name, cidrs in raw.items():
-        if (
-            not name
-            or name == RESERVED_PEER
-            or "\0" in name
-            or len(name.encode()) >= lib.PEER_NAME_LEN
-        ):
-            raise ConfigError(
-                f"{where}: peer name {name!r} must be 1..{lib.PEER_NAME_LEN - 1} bytes, "
-                f"without NUL, and not '{RESERVED_PEER}'"
-            )
+        problem = peer_name_problem(name)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         if isinstance(cidrs, str):
             cidrs = [cidrs]
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs) or not cidrs:
@@ -124,6 +150,18 @@ def parse_peers(raw: dict[str, Any], where: str) -> dict[str, tuple[Network, ...
             nets.append(net)
         peers[name] = tuple(nets)
     return peers
+
+
+def parse_kubernetes(raw: dict[str, Any], where: str) -> Kubernetes:
+    for key, val in raw.items():
+        want = _KUBE_TYPES.get(key)
+        if want is None:
+            raise ConfigError(f"{where}: unknown key 'kubernetes.{key}'")
+        if not isinstance(val, want):
+            raise ConfigError(
+                f"{where}: kubernetes.{key} must be {want.__name__}, not {type(val).__name__}"
+            )
+    return Kubernetes(**raw)
 
 
 def parse_range(raw: list[Any], where: str) -> tuple[float, float]:
@@ -148,6 +186,8 @@ def from_mapping(data: dict[str, Any], where: str, base: Config | None = None) -
             raise ConfigError(f"{where}: {key} must be {names}, not {type(val).__name__}")
         if key == "peers":
             val = parse_peers(cast(dict[str, Any], val), where)
+        elif key == "kubernetes":
+            val = parse_kubernetes(cast(dict[str, Any], val), where)
         elif key == "rtt_bucket_range_seconds":
             val = parse_range(cast(list[Any], val), where)
         values[key] = val
@@ -168,7 +208,7 @@ def validate(cfg: Config, where: str) -> None:
     for key in ("pin_dir", "textfile"):
         if not getattr(cfg, key):
             raise ConfigError(f"{where}: {key} must not be empty")
-    for key in ("node_name", "pin_dir", "textfile", "listen"):
+    for key in ("node_name", "pin_dir", "textfile", "listen", "peers_file", "zone"):
         if "\0" in (getattr(cfg, key) or ""):
             raise ConfigError(f"{where}: {key} must not contain a NUL character")
     if not 1 <= cfg.max_peers <= lib.MAX_PEERS_LIMIT:
@@ -191,11 +231,33 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: {len(cfg.peers)} peers configured, max_peers {cfg.max_peers}")
     if not cfg.node_name:
         raise ConfigError(f"{where}: node_name must not be empty")
+    validate_sources(cfg, where)
     if cfg.listen:
         try:
             parse_listen(cfg.listen)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+def validate_sources(cfg: Config, where: str) -> None:
+    """One source of peer names: [peers], peers_file or [kubernetes]."""
+    if cfg.peers_file == "":
+        raise ConfigError(f"{where}: peers_file must not be empty")
+    if cfg.kubernetes.kubeconfig == "":
+        raise ConfigError(f"{where}: kubernetes.kubeconfig must not be empty")
+    used = [
+        name
+        for name, on in (
+            ("[peers]", bool(cfg.peers)),
+            ("peers_file", cfg.peers_file is not None),
+            ("[kubernetes] enabled", cfg.kubernetes.enabled),
+        )
+        if on
+    ]
+    if len(used) > 1:
+        raise ConfigError(
+            f"{where}: {' and '.join(used)} cannot be combined: peers are named by one of them"
+        )
 
 
 def load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:

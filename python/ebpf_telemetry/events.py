@@ -16,6 +16,7 @@ offset read at each poll), `node_id`, `type`, `value`, `timestamp_ns`
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any, BinaryIO
 
 from ebpf_telemetry import lock
 from ebpf_telemetry.binding import BpfError, check_ptr, ffi, lib, obj_get
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import EVENT_RECORD, EVENT_TYPES, TelemetryEvent
 
@@ -115,17 +118,44 @@ def rfc3339(wall_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
 
 
-def json_line(node: int, typ: int, value: int, ts: int, extra: int, offset: int) -> str:
+def json_line(
+    node: int, typ: int, value: int, ts: int, extra: int, offset: int, peer: str = "null"
+) -> str:
+    """peer: the JSON of the node's peer name (PeerNames), null for the host."""
     name = EVENT_TYPES.get(typ, str(typ))
     return (
-        f'{{"time": "{rfc3339(ts + offset)}", "node_id": {node}, "type": "{name}", '
-        f'"value": {value}, "timestamp_ns": {ts}, "extra_data": {extra}}}\n'
+        f'{{"time": "{rfc3339(ts + offset)}", "node_id": {node}, "peer": {peer}, '
+        f'"type": "{name}", "value": {value}, "timestamp_ns": {ts}, "extra_data": {extra}}}\n'
     )
 
 
-def as_json(e: TelemetryEvent, offset: int | None = None) -> str:
+def as_json(e: TelemetryEvent, offset: int | None = None, peer: str | None = None) -> str:
     off = wall_offset_ns() if offset is None else offset
-    return json_line(e.node_id, e.event_type, e.value, e.timestamp, e.extra_data, off).rstrip()
+    line = json_line(
+        e.node_id, e.event_type, e.value, e.timestamp, e.extra_data, off, json.dumps(peer)
+    )
+    return line.rstrip("\n")
+
+
+class PeerNames:
+    """node id -> its peer name as JSON text, read again every RENEW_SECONDS
+    (names change while events stream: a peers file, Kubernetes Nodes)."""
+
+    def __init__(self, pin_dir: str) -> None:
+        self.pins = Pins(pin_dir)
+        self.read_at = 0.0
+        self.json: dict[int, str] = {}
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.read_at < RENEW_SECONDS:
+            return
+        self.read_at = now
+        names = peer_names(self.pins)
+        self.json = {i: json.dumps(n) for i, n in names.items() if i != HOST}
+
+    def close(self) -> None:
+        self.pins.close()
 
 
 class JsonStream(EventReader):
@@ -138,6 +168,8 @@ class JsonStream(EventReader):
         self.out, self.type_id, self.left = out, type_id, count
         self.lines: list[str] = []
         self.offset = wall_offset_ns()
+        self.names = PeerNames(pin_dir)
+        self.names.refresh()
 
     def deliver(self, raw: bytes) -> int:
         if self.done:
@@ -145,7 +177,8 @@ class JsonStream(EventReader):
         node, typ, value, ts, extra = EVENT_RECORD.unpack_from(raw)
         if self.type_id is not None and typ != self.type_id:
             return 0
-        self.lines.append(json_line(node, typ, value, ts, extra, self.offset))
+        peer = self.names.json.get(node, "null")
+        self.lines.append(json_line(node, typ, value, ts, extra, self.offset, peer))
         if self.left is not None:
             self.left -= 1
             self.done = self.left <= 0
@@ -163,6 +196,11 @@ class JsonStream(EventReader):
         self.offset = wall_offset_ns()  # follows clock steps (NTP) between batches
         super().poll()
         self.flush()
+        self.names.refresh()
+
+    def close(self) -> None:
+        super().close()
+        self.names.close()
 
 
 def stream_json(pin_dir: str, out: BinaryIO, type_name: str | None, count: int | None) -> None:

@@ -27,6 +27,7 @@ from ebpf_telemetry import __version__, btf
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.histogram import cumulative, edge_slots, le_seconds, slot_lower
 from ebpf_telemetry.loader import Running
+from ebpf_telemetry.naming import Source, Zones
 from ebpf_telemetry.peertable import REPAIR_KINDS
 from ebpf_telemetry.snapshot import HOST, Window
 from ebpf_telemetry.values import EVENT_TYPES, Hist
@@ -71,7 +72,7 @@ METRICS = _defs(
     MetricDef(
         "ebpf_tcp_rtt_seconds",
         "histogram",
-        ("node", "peer"),
+        ("node", "peer", "peer_zone"),
         "TCP smoothed RTT (srtt) per peer node: one sample per RTT measurement the kernel "
         "takes (an incoming segment that acknowledges new data), srtt as it stands then.",
         "tcp_probe where ack_seq > snd_una -> rtt_hist_map[peer] (log2x8 slots; le: the "
@@ -88,7 +89,7 @@ METRICS = _defs(
     MetricDef(
         "ebpf_tcp_rtt_window_seconds",
         "summary",
-        ("node", "peer", "quantile"),
+        ("node", "peer", "peer_zone", "quantile"),
         "TCP smoothed RTT per peer: quantile 0.5, 0.9, 0.99 of the samples of the last "
         "interval (absent when it had none); no _sum/_count: ebpf_tcp_rtt_seconds has them.",
         "rtt_hist_map[peer] difference of two readings, interpolated in the bucket",
@@ -96,7 +97,7 @@ METRICS = _defs(
     MetricDef(
         "ebpf_tcp_retransmits_total",
         "counter",
-        ("node", "peer"),
+        ("node", "peer", "peer_zone"),
         "TCP segments retransmitted (as TcpRetransSegs counts them), per peer node.",
         "tcp_retransmit_skb (segments, err == 0), tcp_retransmit_synack -> retrans_count",
     ),
@@ -180,6 +181,15 @@ METRICS = _defs(
         "Broken invariants of the automatic peer table found and repaired since the agent "
         "started (peertable.py lists them); any is a bug to report.",
         "the agent's check every cycle",
+    ),
+    MetricDef(
+        "ebpf_peer_source_last_sync_timestamp_seconds",
+        "gauge",
+        ("node", "source"),
+        "Unix time the source of peer names (source: file, kubernetes) was last known whole "
+        "and current; names are kept while it is not (absent before the first sync).",
+        "peers_file: the last stat or read that succeeded; kubernetes: the last list, watch "
+        "event or bookmark",
     ),
     MetricDef(
         "ebpf_telemetry_last_update_timestamp_seconds",
@@ -333,12 +343,15 @@ class TelemetryCollector(Collector):
         self.repairs: Counter[str] = Counter()  # the peer table's, by kind (peertable.Checker)
         self.pins_replaced = 0  # maps of another layout replaced at start
         self.reload = ReloadState(True, time.time())  # the config was loaded at start
+        self.source: Source | None = None  # of peer names, for its last sync
         self.configure(cfg)
 
-    def configure(self, cfg: Config) -> None:
-        """The node name, interval and RTT buckets, from a config (at start and reload)."""
+    def configure(self, cfg: Config, zones: Zones | None = None) -> None:
+        """The node name, interval, zones and RTT buckets, from a config (at
+        start and reload) and the peer names' source (naming.py)."""
         self.node_name = cfg.node_name
         self.interval_seconds = cfg.interval_seconds
+        self.zones = zones or Zones(cfg.zone)
         low, high = cfg.rtt_bucket_range_seconds
         self.peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
         self.host_buckets = Buckets.of("all", low, high)
@@ -358,13 +371,14 @@ class TelemetryCollector(Collector):
         yield from self._sched(w)
         yield from self._agent(w)
 
-    def _peers(self, w: Window) -> Iterator[tuple[int, str]]:
-        """Peers to export: every named or allocated id, `other` once anything
-        counted there (RTT samples or retransmits alone)."""
+    def _peers(self, w: Window) -> Iterator[tuple[int, dict[str, str]]]:
+        """Peers to export, with their labels: every named or allocated id,
+        `other` once anything counted there (RTT samples or retransmits alone)."""
+        n, zone = self.node_name, self.zones.of
         for node, label in sorted(w.cur.peers.items()):
             m = w.cur.node(node)
             if node != HOST and (label != "other" or m.rtt_count or m.retrans_count):
-                yield node, label
+                yield node, {"node": n, "peer": label, "peer_zone": zone(label)}
 
     def _rtt(self, w: Window) -> Iterator[Metric]:
         n = self.node_name
@@ -380,8 +394,7 @@ class TelemetryCollector(Collector):
         yield host
         hist = _histogram("ebpf_tcp_rtt_seconds")
         window = _summary("ebpf_tcp_rtt_window_seconds")
-        for node, peer in self._peers(w):
-            labels = {"node": n, "peer": peer}
+        for node, labels in self._peers(w):
             m = w.cur.node(node)
             _add_histogram(hist, labels, self.peer_buckets, w.cur.hist(node), m.rtt_sum * US)
             values = w.rtt_quantiles_us(node, WINDOW_QUANTILES)
@@ -394,8 +407,8 @@ class TelemetryCollector(Collector):
     def _retrans_drops(self, w: Window) -> Iterator[Metric]:
         n = self.node_name
         retrans = _counter("ebpf_tcp_retransmits_total")
-        for node, peer in self._peers(w):
-            retrans.add_metric([n, peer], w.cur.node(node).retrans_count)
+        for node, labels in self._peers(w):
+            retrans.add_metric(list(labels.values()), w.cur.node(node).retrans_count)
         yield retrans
         drops = _counter("ebpf_packet_drops_total")
         for name, count in btf.drops_by_name(w.cur.drops).items():
@@ -442,6 +455,7 @@ class TelemetryCollector(Collector):
             fam = _gauge(name)
             fam.add_metric([n], value)
             yield fam
+        yield self._source_sync()
         misses = _counter("ebpf_bpf_misses_total")
         for prog, count in sorted(w.cur.misses.items()):
             misses.add_metric([n, prog], count)
@@ -467,6 +481,13 @@ class TelemetryCollector(Collector):
         replaced = _counter("ebpf_pins_replaced_total")
         replaced.add_metric([self.node_name], self.pins_replaced)
         yield replaced
+
+    def _source_sync(self) -> Metric:
+        fam = _gauge("ebpf_peer_source_last_sync_timestamp_seconds")
+        synced = self.source.last_sync() if self.source is not None else None
+        if self.source is not None and synced is not None:
+            fam.add_metric([self.node_name, self.source.name], synced)
+        return fam
 
 
 def markdown() -> str:

@@ -1,8 +1,9 @@
 """The node table: which node id is which peer, in the kernel and in labels.
 
-Node 0 is this host. Configured peers get ids 1..N that stay the same across
+Node 0 is this host. Named peers ([peers], a peers file, Kubernetes Nodes:
+naming.py) get ids 1..N that stay the same across
 reloads for a name that stays (its counters continue); an id handed to a new
-name starts from zero. With no peers configured the kernel hands out one id
+name starts from zero. With no source of names the kernel hands out one id
 per remote address (or subnet) itself, from a pool of free ids
 (bpf/nodes.bpf.h); expire() takes back the ids of peers idle for
 peer_idle_seconds. Id max_peers + 1 is `other`. Addresses are 16 bytes, IPv4

@@ -112,7 +112,7 @@ def apply(pins: Pins, cfg: Config) -> None:
     validate(pins, cfg)
     old = pins.settings()
     info_map, cidr_map = pins["peer_info_map"], pins["peer_cidr_map"]
-    auto, was_auto = not cfg.peers, bool(old.auto_peers) and bool(old.generation)
+    auto, was_auto = cfg.auto_peers, bool(old.auto_peers) and bool(old.generation)
     current = _named_ids(pins)
     ids = assign_ids(current, list(cfg.peers), cfg.max_peers)
     wanted = {
@@ -216,7 +216,7 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now:
       the next cycle at the earliest), is blanked and given back to the
       pool, and the generation bumped: its next owner starts from 0 under
       its own label, and sockets that overflowed to `other` look again."""
-    if cfg.peers:
+    if not cfg.auto_peers:
         return 0
     info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
     _, infos = info_map.array_rows()
@@ -279,7 +279,7 @@ class Checker:
     def check(self, pins: Pins, cfg: Config) -> set[int]:
         """Check and repair the automatic table; the ids whose counts are
         mixed this cycle (withhold their labels from the export)."""
-        if cfg.peers:
+        if not cfg.auto_peers:
             return set()
         max_peers, info_map = cfg.max_peers, pins["peer_info_map"]
         addrs = owners(pins)

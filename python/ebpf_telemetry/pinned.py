@@ -113,7 +113,6 @@ class PinnedMap:
             raise BpfError(f"batch lookup in {self.path}", ffi.errno)
         return int(cnt[0]), vals
 
-
     def hash_rows(self, ktype: str) -> tuple[int, Any, Any]:
         """Every element of a hash map, one batch call (5.6): (n, keys, values)."""
         n = self.max_entries
