@@ -101,7 +101,8 @@ def keep_hooks_enabled(results: Path) -> None:
         textfile = results / f"{Path(pin_dir).name}.prom"
         cmd = [str(PY), "-m", "ebpf_telemetry", "run", "--once", "--interval", "1",
                "--pin-dir", pin_dir, "--textfile", str(textfile)]  # fmt: skip
-        subprocess.run(cmd, cwd=REPO, check=False, stdout=subprocess.DEVNULL)
+        with (results / f"{Path(pin_dir).name}.log").open("w") as log:
+            subprocess.run(cmd, cwd=REPO, check=False, stdout=log, stderr=log)
 
 
 def pytest_until(
