@@ -68,3 +68,12 @@ def make_config(pin_dir: str, tmp_path: Path) -> Any:
         return config.from_mapping({**base, **keys}, "test")
 
     return make
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Any]]:
+    """Agent processes a test starts (test_reliability.AgentProc), killed after it."""
+    started: list[Any] = []
+    yield started
+    for a in started:
+        a.kill()

@@ -172,14 +172,6 @@ def test_kubeconfig_from_the_environment(
 # -- the agent, real traffic ---------------------------------------------------------
 
 
-@pytest.fixture
-def procs() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
 def zones(text: str) -> dict[str, str]:
     """peer -> peer_zone of the RTT histogram's series in a textfile."""
     return {
@@ -199,7 +191,7 @@ def kube_toml(tmp: Path, stub: KubeStub, extra: str = "") -> Path:
 
 
 def test_agent_names_peers_after_nodes(
-    stub: KubeStub, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
+    stub: KubeStub, pin_dir: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
     with Netns("a") as a, Netns("b") as b:
         # addresses of this test only: the hooks see every namespace's traffic
@@ -210,7 +202,7 @@ def test_agent_names_peers_after_nodes(
         stub.put(node_object("node-b", [veth.v4_b], "zone-b"))
         stub.start()
         tf = tmp_path / "t.prom"
-        procs.append(agent := AgentProc(kube_toml(tmp_path, stub), pin_dir, tf))
+        agents.append(agent := AgentProc(kube_toml(tmp_path, stub), pin_dir, tf))
         agent.wait_write()
         with (
             TcpEchoServer(b, veth.v4_b) as s1,
@@ -258,7 +250,7 @@ def test_agent_names_peers_after_nodes(
 
 
 def test_a_hung_api_server_never_delays_a_write(
-    pin_dir: str, tmp_path: Path, procs: list[AgentProc]
+    pin_dir: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
     """A server that accepts connections and never answers."""
     with socket.socket() as hung:
@@ -267,7 +259,7 @@ def test_a_hung_api_server_never_delays_a_write(
         stub = KubeStub()
         stub.port = hung.getsockname()[1]
         tf = tmp_path / "t.prom"
-        procs.append(agent := AgentProc(kube_toml(tmp_path, stub), pin_dir, tf))
+        agents.append(agent := AgentProc(kube_toml(tmp_path, stub), pin_dir, tf))
         first = agent.wait_write()
         writes = [first]
         for _ in range(8):
@@ -289,7 +281,7 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 
 def test_rss_with_5000_nodes(stub: KubeStub, pin_dir: str, tmp_path: Path,
-                             procs: list[AgentProc]) -> None:  # fmt: skip
+                             agents: list[AgentProc]) -> None:  # fmt: skip
     """The agent's memory with 5,000 Node objects (30 images each, as real
     nodes carry) against the same agent without Kubernetes; both with the
     default max_peers (255): the Nodes' cost, not that of more peers' series."""
@@ -298,7 +290,7 @@ def test_rss_with_5000_nodes(stub: KubeStub, pin_dir: str, tmp_path: Path,
         stub.put(node_object(f"node-{i:05}", [addr], f"zone-{i % 3}", images=30))
     stub.start()
     base_tf = tmp_path / "base.prom"
-    procs.append(base := AgentProc(toml(tmp_path, 'node_name = "node-a"\n', "b.toml"),
+    agents.append(base := AgentProc(toml(tmp_path, 'node_name = "node-a"\n', "b.toml"),
                                    pin_dir, base_tf))  # fmt: skip
     base.wait_write()
     base.wait_write(after=time.time())
@@ -306,7 +298,7 @@ def test_rss_with_5000_nodes(stub: KubeStub, pin_dir: str, tmp_path: Path,
     assert base.stop() == 0
     tf = tmp_path / "t.prom"
     cfg = kube_toml(tmp_path, stub)  # max_peers 255: the rest count under `other`
-    procs.append(agent := AgentProc(cfg, pin_dir, tf))
+    agents.append(agent := AgentProc(cfg, pin_dir, tf))
     wait_until(lambda: "nodes listed" in agent.log, 60, 0.1, "the list of 5,000")
     wait_until(lambda: (value(tf.read_text(), "ebpf_peers") or 0) >= 255, 60, 0.1, "peers")
     agent.wait_write(after=time.time())

@@ -101,14 +101,6 @@ def lab2() -> Iterator[tuple[Netns, Netns, Any]]:
         yield a, b, veth_pair(a, b, v4, v6=None, extra_b=["10.246.17.50"])
 
 
-@pytest.fixture
-def procs() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
 def peer_series(text: str, peer: str) -> dict[str, float | None]:
     return {
         "rtt_count": value(text, "ebpf_tcp_rtt_seconds_count", peer=peer),
@@ -127,7 +119,7 @@ def zone_of(text: str, peer: str) -> str | None:
 
 
 def test_agent_follows_the_file(
-    lab2: Any, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
+    lab2: Any, pin_dir: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
     a, b, veth = lab2
     extra = veth.extra_b[0]
@@ -140,7 +132,7 @@ def test_agent_follows_the_file(
         TcpEchoServer(b, extra) as s2,
         TcpPingPong(a, [(veth.v4_b, s1.port), (extra, s2.port)]) as pp,
     ):
-        procs.append(agent := AgentProc(cfg, pin_dir, tf))
+        agents.append(agent := AgentProc(cfg, pin_dir, tf))
         agent.wait_write()
         assert f"{peers}:4" in agent.log  # the bad line, named
         pp.run(200)
@@ -179,12 +171,12 @@ def test_agent_follows_the_file(
 
 
 def test_sighup_switches_from_peers_to_the_file(
-    lab2: Any, pin_dir: str, tmp_path: Path, procs: list[AgentProc]
+    lab2: Any, pin_dir: str, tmp_path: Path, agents: list[AgentProc]
 ) -> None:
     veth = lab2[2]  # named peers are exported before any traffic
     cfg = toml(tmp_path, f'[peers]\nold-b = ["{veth.v4_b}/32"]\n')
     tf = tmp_path / "t.prom"
-    procs.append(agent := AgentProc(cfg, pin_dir, tf))
+    agents.append(agent := AgentProc(cfg, pin_dir, tf))
     agent.wait_write()
     assert zone_of(tf.read_text(), "old-b") == ""
     peers = tmp_path / "peers"

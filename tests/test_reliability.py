@@ -161,14 +161,6 @@ class AgentProc:
 
 
 @pytest.fixture
-def agents() -> Iterator[list[AgentProc]]:
-    started: list[AgentProc] = []
-    yield started
-    for a in started:
-        a.kill()
-
-
-@pytest.fixture
 def lab() -> Iterator[tuple[Netns, Netns, Any]]:
     """a and b over a veth; b has a second address (10.241.1.50)."""
     with Netns("a") as a, Netns("b") as b:
