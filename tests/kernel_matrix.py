@@ -486,7 +486,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--kernels", default="host,6.1,6.12", help="host and/or Debian series (%(default)s)"
     )
     p.add_argument(
-        "--timeout", type=float, default=1500, help="seconds per kernel boot (%(default)s)"
+        "--timeout", type=float, default=1800, help="seconds per kernel boot (%(default)s)"
     )
     p.add_argument("--memory", default="3G", help="guest memory (%(default)s)")
     p.add_argument("--inside", type=Path, help=argparse.SUPPRESS)
