@@ -117,7 +117,8 @@ docs: build
 	$(PY) -m ebpf_telemetry.plan > docs/kernels.md
 
 # 10 minutes at >= 50k RTT events/s across 255 peers; prints its figures.
-# Not part of `make test`, and not to be run beside it (it fills peer tables).
+# `make test` runs 60 s of it at a lower rate (tests/test_soak.py). Not to be
+# run beside other tests (it fills peer tables and loads both CPUs).
 soak: build mounts
 	$(PY) tests/soak.py $(SOAK_ARGS)
 

@@ -18,7 +18,9 @@ read-only root file system, the host's network, bpffs bind-mounted, the
 ConfigMap's config and the container's args. runc runs here: umoci's spec
 only lowers RLIMIT_NOFILE (to 1024), which needs no CAP_SYS_RESOURCE (this
 machine has none), and the capability sets are given whole (inheritable too,
-or runc cannot raise the ambient ones). So no chroot stands in for it.
+or runc cannot raise the ambient ones). So no chroot stands in for it. The
+agent's liveness probe runs there as the manifest says, and
+deploy/uninstall.yaml's unload as root with no capability, twice.
 """
 
 from __future__ import annotations
@@ -249,16 +251,26 @@ def daemonset() -> tuple[dict[str, Any], str]:
     return agent, docs["ConfigMap"]["data"]["config.toml"]
 
 
+def uninstall_command() -> list[str]:
+    """The command and args of deploy/uninstall.yaml's init container."""
+    (ds,) = yaml.safe_load_all((ROOT / "deploy" / "uninstall.yaml").read_text())
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    return [*init["command"], *init["args"]]
+
+
 _runs = iter(range(1_000_000))
 
 
-def runc(bundle: Path, args: list[str], binds: dict[str, str], rw: set[str]) -> str:
-    """Run args in the image as the DaemonSet runs its agent; binds: host -> container path."""
+def runc(
+    bundle: Path, args: list[str], binds: dict[str, str], rw: set[str], caps: list[str] = CAPS
+) -> str:
+    """Run args in the image as the DaemonSet runs its agent (with caps: its
+    capabilities by default); binds: host -> container path."""
     spec = json.loads((bundle / "config.json").read_text())  # umoci's, as unpacked
     proc = spec["process"]
     proc.update(args=args, terminal=False, cwd="/")
     sets = ("bounding", "effective", "permitted", "inheritable", "ambient")
-    proc["capabilities"] = dict.fromkeys(sets, CAPS)
+    proc["capabilities"] = dict.fromkeys(sets, caps)
     spec["root"] = {"path": str(bundle / "rootfs"), "readonly": True}
     namespaces = spec["linux"]["namespaces"]
     spec["linux"]["namespaces"] = [n for n in namespaces if n["type"] != "network"]
@@ -335,8 +347,15 @@ def test_image_runs_as_the_daemonset_does(bundle: Path, tmp_path: Path) -> None:
         text = (textfile_dir / textfile.name).read_text()
         assert f'version="{VERSION}"' in text and 'node="pkg-image"' in text, text[:2000]
         assert "ebpf_collector_up{" in text
-        runc(bundle, ["ebpf-telemetry", "unload", "--pin-dir", pin_dir], binds, rw)
+        # the liveness probe, as is: the ConfigMap's config names this textfile
+        probe = runc(bundle, agent["livenessProbe"]["exec"]["command"], binds, rw)
+        assert probe.startswith("ok: /var/lib/prometheus/node-exporter/ebpf_telemetry.prom"), probe
+        # deploy/uninstall.yaml's unload (its pin dir this test's), root with no
+        # capability as it runs there; twice: a second run finds nothing
+        unload = [*uninstall_command()[:-1], f"--pin-dir={pin_dir}"]
+        assert runc(bundle, unload, binds, rw, caps=[]).startswith("removed ")
         assert not os.path.exists(pin_dir)
+        assert runc(bundle, unload, binds, rw, caps=[]).startswith("nothing to unload")
     finally:
         unload_leftover(pin_dir)
 

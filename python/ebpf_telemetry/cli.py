@@ -1,4 +1,4 @@
-"""The command line: run, inspect, events, unload, doctor.
+"""The command line: run, inspect, events, unload, doctor, health.
 
 Every expected failure is one line on stderr and exit status 1 (2 for usage);
 never a traceback.
@@ -102,6 +102,17 @@ def parser() -> argparse.ArgumentParser:
     doc.add_argument("--textfile", help=f"(default: {DEFAULT_TEXTFILE})")
     doc.add_argument("--pin-dir", help=f"(default: {DEFAULT_PIN_DIR})")
     doc.add_argument("--json", action="store_true", help="every check as one JSON object")
+
+    hl = sub.add_parser(
+        "health", parents=common, help="exit 0 if the agent wrote its textfile recently",
+        description="A liveness check: the textfile's age (no BPF, no capabilities needed).",
+    )  # fmt: skip
+    hl.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG} if it exists)")
+    hl.add_argument("--textfile", help=f"(default: the config's, else {DEFAULT_TEXTFILE})")
+    hl.add_argument(
+        "--max-age", type=_positive_float,
+        help="seconds (default: 3 x the config's interval_seconds)",
+    )  # fmt: skip
     return p
 
 
@@ -180,12 +191,26 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return doctor.run(cfg, check, as_json=a.json)
 
 
+def cmd_health(a: argparse.Namespace) -> int:
+    from ebpf_telemetry import config, health
+
+    path = a.config
+    if path is None and os.path.exists(config.DEFAULT_CONFIG):
+        path = config.DEFAULT_CONFIG
+    cfg = config.load(path, {"textfile": a.textfile})
+    max_age = a.max_age or health.default_max_age(cfg.interval_seconds)
+    h = health.check(cfg.textfile, max_age)
+    print(f"ok: {h.path} written {h.age:.1f} s ago (at most {h.max_age:g} s)")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "inspect": cmd_inspect,
     "events": cmd_events,
     "unload": cmd_unload,
     "doctor": cmd_doctor,
+    "health": cmd_health,
 }
 
 
