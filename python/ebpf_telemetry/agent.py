@@ -177,13 +177,13 @@ class Agent:
         t0 = time.perf_counter()
         self.follow_source()
         cur = take(self.pins)
-        mixed = self.checker.check(self.pins, naming.effective(self.cfg, self.table))
+        effective = naming.effective(self.cfg, self.table)
+        mixed = self.checker.check(self.pins, effective)
         if mixed:  # counts of two peers in one row: not exported, the ids retired
             log.error("peer ids shared by two addresses; retired", ids=sorted(mixed))
             cur = replace(cur, peers={i: p for i, p in cur.peers.items() if i not in mixed})
         window = Window(prev, cur)
         self.collector.update(window, time.perf_counter() - t0)
-        effective = naming.effective(self.cfg, self.table)
         peertable.expire(self.pins, effective, window.active(), cur.seen, peertable.now_ns())
         try:
             exporter.write_textfile(self.cfg.textfile, self.registry)

@@ -158,11 +158,9 @@ def _forget_addresses(pins: Pins) -> set[int]:
     """Drop every kernel-allocated address and the free pool; the ids they held."""
     addr_map = pins["peer_addr_map"]
     ids = set()
-    for k in list(addr_map.keys("struct peer_key")):
-        v = addr_map.lookup(k)
-        if v is not None:
-            ids.add(int(v[0]))
-        addr_map.delete(k)
+    for key, node_id in _addresses(pins):
+        ids.add(node_id)
+        addr_map.delete(key)
     pins["peer_free_map"].drain()
     return ids
 
@@ -246,10 +244,9 @@ def _retire(pins: Pins, cfg: Config, ids: Iterable[int], now: int) -> None:
     is held back as retiring, and no socket cache may count it any more."""
     addr_map, info_map = pins["peer_addr_map"], pins["peer_info_map"]
     gone = set(ids)
-    for k in list(addr_map.keys("struct peer_key")):
-        v = addr_map.lookup(k)
-        if v is not None and int(v[0]) in gone:
-            addr_map.delete(k)
+    for key, node_id in _addresses(pins):
+        if node_id in gone:
+            addr_map.delete(key)
     for i in sorted(gone):
         if 1 <= i <= cfg.max_peers:
             info_map.update(_key(i), _info(lib.PEER_RETIRING))
@@ -257,12 +254,17 @@ def _retire(pins: Pins, cfg: Config, ids: Iterable[int], now: int) -> None:
     _bump_generation(pins, cfg)
 
 
+def _addresses(pins: Pins) -> list[tuple[Any, int]]:
+    """(struct peer_key *, id) of every entry of peer_addr_map: one batch read."""
+    n, keys, vals = pins["peer_addr_map"].hash_rows("struct peer_key")
+    return [(ffi.new("struct peer_key *", keys[i]), int(vals[i])) for i in range(n)]
+
+
 def owners(pins: Pins) -> dict[int, list[bytes]]:
     """id -> the addresses peer_addr_map maps to it."""
-    n, keys, vals = pins["peer_addr_map"].hash_rows("struct peer_key")
     out: dict[int, list[bytes]] = {}
-    for i in range(n):
-        out.setdefault(int(vals[i]), []).append(bytes(ffi.buffer(keys[i].addr, 16)))
+    for key, node_id in _addresses(pins):
+        out.setdefault(node_id, []).append(bytes(ffi.buffer(key.addr, 16)))
     return out
 
 
