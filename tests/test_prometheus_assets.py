@@ -85,7 +85,12 @@ GAUGES = {
     "ebpf_collector_up",
     "ebpf_config_last_reload_successful",
 }
-HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_node_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
+HISTOGRAMS = {
+    "ebpf_tcp_rtt_seconds",
+    "ebpf_node_tcp_rtt_seconds",
+    "ebpf_zone_tcp_rtt_seconds",
+    "ebpf_runqueue_latency_seconds",
+}
 SERIES_NAMES = (
     COUNTERS
     | GAUGES
@@ -314,6 +319,8 @@ def test_rules_follow_conventions_and_use_our_metrics() -> None:
         "node_peer:ebpf_tcp_retransmits:rate5m": "ebpf_tcp_retransmits_total",
         "node_reason:ebpf_packet_drops:rate5m": "ebpf_packet_drops_total",
         "node:ebpf_runqueue_latency_seconds:p99_rate5m": "ebpf_runqueue_latency_seconds_bucket",
+        "zone:ebpf_tcp_rtt_seconds:p99_rate5m": "histogram_quantile(0.99, sum by (zone, peer_zone, "
+        "le) (rate(ebpf_zone_tcp_rtt_seconds_bucket[5m])))",
     }
     by_name = {r["record"]: " ".join(r["expr"].split()) for r in rules if "record" in r}
     for name, fragment in required.items():
