@@ -84,6 +84,8 @@ GAUGES = {
     "ebpf_telemetry_interval_seconds",
     "ebpf_collector_up",
     "ebpf_config_last_reload_successful",
+    "ebpf_peers_exported",
+    "ebpf_peers_folded",
 }
 HISTOGRAMS = {
     "ebpf_tcp_rtt_seconds",
