@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ebpf_telemetry.snapshot import HOST
 from netlab import DelayLine, Netns, TcpEchoServer, run_in_netns, tcp_pingpong_many, veth_pair
+from test_budget import promtool_problems
 from test_peers import Cycles
 
 CROWD = [f"10.250.{40 + i // 200}.{i % 200 + 1}" for i in range(300)]
@@ -122,6 +123,7 @@ def test_zones_from_a_peers_file_sum_to_the_host(make_config: Any, tmp_path: Pat
                 text = Path(cfg.textfile).read_text()
         finally:
             cyc.close()
+    assert not promtool_problems(text)
     fams = parse(text)
     samples = {lb["peer"]: v for lb, v in fams["ebpf_tcp_rtt_samples_total"]}
     retrans = {lb["peer"]: v for lb, v in fams["ebpf_tcp_retransmits_total"]}
