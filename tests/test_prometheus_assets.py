@@ -212,6 +212,16 @@ class SampleCollector(Collector):
         )
         host.add_metric([NODE], histogram_buckets(everything), sum(everything) * 1e-6)
         yield host
+        zone = HistogramMetricFamily(
+            "ebpf_zone_tcp_rtt_seconds",
+            "TCP smoothed RTT per zone pair.",
+            labels=["node", "zone", "peer_zone"],
+        )  # node-b in zone-b, the rest without a zone
+        rest = [v for peer, obs in s.rtt_us.items() if peer != "node-b" for v in obs]
+        nb = s.rtt_us["node-b"]
+        zone.add_metric([NODE, "zone-a", "zone-b"], histogram_buckets(nb), sum(nb) * 1e-6)
+        zone.add_metric([NODE, "zone-a", ""], histogram_buckets(rest), sum(rest) * 1e-6)
+        yield zone
         retrans = CounterMetricFamily(
             "ebpf_tcp_retransmits", "TCP retransmits per peer.", labels=["node", "peer"]
         )
@@ -250,6 +260,8 @@ class SampleCollector(Collector):
             ("ebpf_telemetry_collect_duration_seconds", 0.003),
             ("ebpf_telemetry_interval_seconds", 5.0),
             ("ebpf_config_last_reload_successful", 1.0),
+            ("ebpf_peers_exported", float(len(s.rtt_us))),
+            ("ebpf_peers_folded", 0.0),
         ):
             g = GaugeMetricFamily(name, "Agent self-monitoring.", labels=["node"])
             g.add_metric([NODE], value)
