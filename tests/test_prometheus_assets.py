@@ -641,6 +641,11 @@ def test_recording_rules_on_live_data(live: Live) -> None:
     ):
         result = prom.wait_for(name, lambda r: bool(finite_values(r)))
         assert all(s["metric"]["node"] == NODE for s in result), name
+    # zone-a -> zone-b is node-b: its 60 new samples all in (1024, 2048] us
+    zone = prom.wait_for(
+        'zone:ebpf_tcp_rtt_seconds:p99_rate5m{zone="zone-a",peer_zone="zone-b"}', finite_nonempty
+    )
+    assert values(zone)[0] == pytest.approx(0.001024 * (1 + 0.99), rel=1e-9)
     groups = prom.api("rules")["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == len(all_rules())
