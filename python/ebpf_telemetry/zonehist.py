@@ -18,6 +18,11 @@ bucket (a sample between the two reads), peer_zone="" takes 0 there and the
 excess is held back from it in the next intervals (`debt`), so the sum is
 exact again as soon as it is paid, an interval later.
 
+More zones than max_series leaves room for (metrics.py works it out each
+interval): the zones with the fewest RTT samples are shown within
+peer_zone="" (shown(): the export's sum stays the host's; that "" series
+jumps up when it starts and down, a counter reset, when it stops).
+
 Exported always, also with no zone known (then one series {zone="",
 peer_zone=""} equal to the host): it is where the host's retransmit total
 is, whatever the per-peer budget leaves out.
