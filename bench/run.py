@@ -2,6 +2,7 @@
 
 Measures, each in the same run as its comparison:
  1. per-event cost of each hook (bpf_stats) vs an empty program, bpftrace, runqlat;
+    1c. where tcp_probe's cost goes: variants with one part removed each (ablation.py);
  2. loopback request/response latency with all collectors vs none;
  3. one userspace collection cycle at 1/64/255 peers for each rtt_buckets value
     (read / compute / format / write), the agent's RSS and CPU; PromQL's
@@ -10,7 +11,7 @@ Measures, each in the same run as its comparison:
 Prints a table and writes the same figures as JSON. Leaves nothing attached:
 every pin dir is /sys/fs/bpf/ebt-bench-<pid>-<part> and is unloaded after use.
 
-    bench/run.py [--out PATH] [--quick] [--only hooks|latency|userspace|events]
+    bench/run.py [--out PATH] [--quick] [--only hooks|ablation|latency|userspace|events]
 Needs root, the built object, sockperf, bpftrace, libbpf-tools (runqlat), clang.
 """
 
@@ -28,6 +29,7 @@ import structlog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ablation
 import eventstream
 import export
 import hooks
@@ -80,9 +82,38 @@ def run_hooks(r: Report, plan: Plan) -> None:
         )
     rtt, floor, bt = (h.ns("tcp_probe", w) for w in ("ours", "empty", "bpftrace"))
     r.target("tcp_probe / empty floor", ratio(rtt, floor), "x", 2.0)
-    r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.5)
+    r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.4)
     for hook in ("sched_wakeup", "sched_switch"):
-        r.target(f"{hook} / runqlat", ratio(h.ns(hook, "ours"), h.ns(hook, "runqlat")), "x", 0.5)
+        if h.ns(hook, "ours") is None:
+            continue  # not hooked by this build
+        r.target(f"{hook} / empty floor", ratio(h.ns(hook, "ours"), h.ns(hook, "empty")), "x", 2.0)
+        r.target(f"{hook} / runqlat", ratio(h.ns(hook, "ours"), h.ns(hook, "runqlat")), "x", 0.3)
+
+
+def run_ablation(r: Report, plan: Plan) -> None:
+    s = "1c. tcp_probe by ablation: one part removed per variant, all in one run"
+    a = ablation.measure(plan.hook_seconds / 2)
+    r.add("ablation", a)
+    r.notes.extend(a.notes)
+    for load in ("ping-pong", "bulk"):
+        full, floor = a.ns("shipped", load), a.ns("empty", load)
+        for row in (x for x in a.rows if x.workload == load):
+            saved = ratio_diff(full, row.ns) if row.part in PART_NAMES else None
+            r.row(
+                s,
+                f"{load:<9} {row.part}",
+                f"{fmt(row.ns, '.0f', ' ns')}"
+                + (f"  saves {fmt(saved, '.0f', ' ns')}" if saved is not None else "")
+                + f"  ({row.runs} runs)",
+            )
+        r.target(f"tcp_probe / empty floor ({load})", ratio(full, floor), "x", 2.0)
+
+
+PART_NAMES = {p for p, _ in ablation.PARTS} | {"everything removed"}
+
+
+def ratio_diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
 
 
 def run_latency(r: Report, plan: Plan) -> None:
@@ -213,6 +244,7 @@ def run_stream(r: Report, plan: Plan) -> None:
 
 PARTS = {
     "hooks": run_hooks,
+    "ablation": run_ablation,
     "latency": run_latency,
     "userspace": run_userspace,
     "events": run_stream,
