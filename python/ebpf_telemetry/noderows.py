@@ -155,6 +155,8 @@ def lookup_rows(m: PinnedMap, ids: IdArray) -> U64Array:
 class MetricsView:
     """node_metrics_map in place (mmap, read-only) and the host's per-CPU row."""
 
+    TRIES = 5  # readings of the host's row around the copy, until no sample fell between
+
     def __init__(self, shared: PinnedMap, host: PinnedMap) -> None:
         self.nodes, self.host = shared.max_entries, host
         size = self.nodes * WORDS * 8
@@ -165,12 +167,26 @@ class MetricsView:
         except OSError as e:
             raise BpfError(f"mmap of {shared.path}", e.errno or 22) from None
         self.words = np.frombuffer(self.mm, dtype=np.uint64, count=self.nodes * WORDS)
+        self.key = ffi.new("__u32 *", 0)
+        self.cpus = np.zeros((host.ncpu, WORDS), dtype=np.uint64)
+        self.cpus_ptr = ffi.from_buffer(self.cpus)
+
+    def _host_cpus(self) -> U64Array:
+        if lib.bpf_map_lookup_elem(self.host.fd, self.key, self.cpus_ptr) < 0:
+            raise BpfError(f"look-up in {self.host.path}", ffi.errno)
+        return self.cpus.copy()
 
     def read(self) -> U64Array:
-        """A copy of every row; row 0: the host's, summed over CPUs."""
-        out = self.words.reshape(self.nodes, WORDS).copy()
-        _, vals = self.host.array_rows(1)
-        cpus = np.frombuffer(ffi.buffer(vals), dtype=np.uint64).reshape(self.host.ncpu, WORDS)
+        """A copy of every row; row 0: the host's, summed over CPUs. The
+        host's row is read just before the copy and again after it: a sample
+        between the two would be in a peer's row and not in the host's, so
+        then again (host = the sum of its peers, on a busy host too)."""
+        for _ in range(self.TRIES):
+            cpus = self._host_cpus()
+            out = self.words.reshape(self.nodes, WORDS).copy()
+            again = self._host_cpus()
+            if (again[:, [RTT_COUNT, RETRANS]] == cpus[:, [RTT_COUNT, RETRANS]]).all():
+                break
         host = cpus.sum(axis=0, dtype=np.uint64)
         host[WORD["timestamp"]] = cpus[:, WORD["timestamp"]].max()
         host[WORD["cpu_util"]] //= max(self.host.ncpu, 1)

@@ -42,16 +42,15 @@ class PinnedMap:
     def _check(self) -> None:
         s, i = self.spec, self.info
         vsize = ffi.sizeof(s.value) if s.value else 0
-        if (
-            i.type != s.map_type
-            or i.key_size != s.key_size
-            or (s.value and i.value_size != vsize)
-            or i.map_flags & s.flags != s.flags
-        ):
+        if i.type != s.map_type or i.key_size != s.key_size or (s.value and i.value_size != vsize):
             raise LayoutError(
-                f"{self.path}: map type {i.type}, key {i.key_size} B, value {i.value_size} B, "
-                f"flags {i.map_flags:#x}; expected type {s.map_type}, key {s.key_size} B, "
-                f"value {vsize} B, flags {s.flags:#x} "
+                f"{self.path}: map type {i.type}, key {i.key_size} B, value {i.value_size} B; "
+                f"expected type {s.map_type}, key {s.key_size} B, value {vsize} B "
+                "(pins of another version? `ebpf-telemetry unload` replaces them)"
+            )
+        if i.map_flags & s.flags != s.flags:
+            raise LayoutError(
+                f"{self.path}: map flags {i.map_flags:#x}; expected {s.flags:#x} among them "
                 "(pins of another version? `ebpf-telemetry unload` replaces them)"
             )
         if s.value:
