@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS
+from ebpf_telemetry.nodes import PeerNames
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import Hist, NodeMetrics
 
@@ -241,6 +242,7 @@ class NodeReader:
         self.last: U64Array | None = None
         self.low = np.zeros((n, MAX_SLOTS), dtype=np.uint32)  # pages touched when written
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
+        self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
 
     def take(self) -> tuple[MetricRows, HistRows]:
         metrics = self.view.read()
