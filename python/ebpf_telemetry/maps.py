@@ -97,8 +97,7 @@ class Pins:
 
     def seen(self) -> dict[int, int]:
         """node id -> last activity (or retirement), CLOCK_BOOTTIME ns, where known."""
-        n, vals = self["peer_seen_map"].array_rows()
-        times = np.frombuffer(ffi.buffer(vals), dtype=np.uint64, count=n)
+        times = self["peer_seen_map"].mapped().view(np.uint64).copy()
         ids = np.flatnonzero(times)
         return dict(zip(ids.tolist(), times[ids].tolist(), strict=True))
 

@@ -79,16 +79,16 @@ class MetricRows(Mapping[int, NodeMetrics]):
 @dataclass(frozen=True, eq=False)
 class HistRows(Mapping[int, Hist]):
     """node id -> RTT histogram of one reading: the host's, the rows read
-    (`ids`, sorted, and `rows`), and for a reader's later readings the rows
-    not read, which are those of the reader's previous reading (`before`:
-    the low words of the rows read, as they were then)."""
+    (`ids`, sorted, and `rows`); for a reader's readings the rows not read
+    come from the reader (NodeReader.row_at), and `before` holds the low
+    words the rows read had at the reader's previous reading."""
 
     nodes: int
     host: Hist
     ids: IdArray
     rows: U64Array
     seq: int = 0  # the reader's reading number; 0: not a reader's
-    base: int = 0  # the reading the unread rows are those of; 0: they are empty
+    base: int = 0  # the reader's reading before this one; 0: none
     before: npt.NDArray[np.uint32] | None = None
     reader: NodeReader | None = field(default=None, repr=False)
 
@@ -105,7 +105,7 @@ class HistRows(Mapping[int, Hist]):
         i = self.position(node)
         if i is not None:
             return _hist(self.rows[i])
-        if self.base == 0 or self.reader is None:
+        if self.reader is None:  # a first reading read every row with samples
             return Hist.empty()
         return _hist(self.reader.row_at(node, self.seq))
 
@@ -244,9 +244,14 @@ class NodeReader:
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
         self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
 
+    CHUNK = 1024  # rows of a first reading read at a time
+
     def take(self) -> tuple[MetricRows, HistRows]:
         metrics = self.view.read()
         ids = moved(metrics, self.last)
+        if self.last is None:  # keep the low words only: no copy of every row
+            self._first(ids)
+            ids = ids[:0]
         rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
         before = self.low[ids] if base else None
@@ -257,6 +262,11 @@ class NodeReader:
         return MetricRows(metrics), HistRows(
             len(metrics), host, ids, rows, self.seq, base, before, self
         )
+
+    def _first(self, ids: IdArray) -> None:
+        for a in range(0, len(ids), self.CHUNK):
+            part = ids[a : a + self.CHUNK]
+            self.low[part] = lookup_rows(self.pins["rtt_hist_map"], part).astype(np.uint32)
 
     def row_at(self, node: int, seq: int) -> U64Array:
         """node's row as it was at reading seq (which did not read it): now,

@@ -68,12 +68,17 @@ def peer_names(pins: Pins, s: Any = None, cache: PeerNames | None = None) -> dic
     return (cache or PeerNames()).read(pins, s)
 
 
-def _label(v: Any, s: Any) -> str | None:
-    if v.flags & lib.PEER_AUTO:
-        return auto_label(bytes(ffi.buffer(v.addr, 16)), s.auto_prefix_v4, s.auto_prefix_v6)
-    if v.flags & (lib.PEER_NAMED | lib.PEER_OTHER):
-        return str(ffi.string(v.name).decode(errors="replace"))
+def _label(row: bytes, s: Any) -> str | None:
+    """One struct peer_info's label (its bytes), None for an id not in use."""
+    flags = int.from_bytes(row[_FLAGS : _FLAGS + 4], "little")
+    if flags & lib.PEER_AUTO:
+        return auto_label(row[_ADDR : _ADDR + 16], s.auto_prefix_v4, s.auto_prefix_v6)
+    if flags & (lib.PEER_NAMED | lib.PEER_OTHER):
+        return row[_NAME : _NAME + lib.PEER_NAME_LEN].split(b"\0", 1)[0].decode(errors="replace")
     return None
+
+
+_FLAGS, _ADDR, _NAME = (ffi.offsetof("struct peer_info", f) for f in ("flags", "addr", "name"))
 
 
 class PeerNames:
@@ -86,9 +91,9 @@ class PeerNames:
         self.names: dict[int, str] = {}
 
     def read(self, pins: Pins, s: Any) -> dict[int, str]:
-        n, vals = pins["peer_info_map"].array_rows()
-        size = ffi.sizeof("struct peer_info")
-        raw = np.frombuffer(ffi.buffer(vals), dtype=np.uint8, count=n * size).reshape(n, size)
+        m = pins["peer_info_map"]
+        n, size = m.max_entries, ffi.sizeof("struct peer_info")
+        raw = m.mapped().reshape(n, size).copy()
         prefixes = (int(s.auto_prefix_v4), int(s.auto_prefix_v6))
         changed: Sequence[int]
         if self.raw is None or self.raw.shape != raw.shape or prefixes != self.prefixes:
@@ -98,11 +103,11 @@ class PeerNames:
         if changed:
             names = dict(names)
             for i in changed:
-                label = _label(vals[i], s)
+                label = _label(raw[i].tobytes(), s)
                 if label is None:
                     names.pop(i, None)
                 else:
                     names[i] = label
             names = dict(sorted(names.items()))
-        self.raw, self.prefixes, self.names = raw.copy(), prefixes, names
+        self.raw, self.prefixes, self.names = raw, prefixes, names
         return names

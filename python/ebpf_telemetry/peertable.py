@@ -269,10 +269,10 @@ def _addresses(pins: Pins) -> list[tuple[Any, int]]:
 
 
 def flags_of(pins: Pins) -> npt.NDArray[np.uint32]:
-    """peer_info_map's flags, one per id (one batch read, no loop over the ids)."""
-    n, infos = pins["peer_info_map"].array_rows()
+    """peer_info_map's flags, one per id (read in place, no loop over the ids)."""
+    m = pins["peer_info_map"]
     size, off = ffi.sizeof("struct peer_info"), ffi.offsetof("struct peer_info", "flags")
-    raw = np.frombuffer(ffi.buffer(infos), dtype=np.uint8, count=n * size).reshape(n, size)
+    raw = m.mapped().reshape(m.max_entries, size)
     return raw[:, off : off + 4].copy().view(np.uint32).ravel()
 
 
