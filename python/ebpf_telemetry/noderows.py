@@ -219,13 +219,14 @@ def moved(metrics: U64Array, last: U64Array | None) -> IdArray:
 def first(pins: Any) -> tuple[MetricRows, HistRows]:
     """One reading that owes nothing to another: every node's counters, the
     histogram rows of every node with RTT samples."""
+    hists = pins["rtt_hist_map"]  # opened (its layout checked) first, as ever
     view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
     try:
         metrics = view.read()
     finally:
         view.close()
     ids = moved(metrics, None)
-    rows = lookup_rows(pins["rtt_hist_map"], ids)
+    rows = lookup_rows(hists, ids)
     host = host_hist(pins["rtt_host_hist_map"])
     return MetricRows(metrics), HistRows(len(metrics), host, ids, rows)
 
@@ -236,6 +237,7 @@ class NodeReader:
 
     def __init__(self, pins: Any) -> None:
         self.pins = pins
+        pins["rtt_hist_map"]  # opened (its layout checked) first
         self.view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
         n = self.view.nodes
         self.seq = 0

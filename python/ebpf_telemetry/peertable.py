@@ -234,8 +234,7 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now:
     touch = auto & (moved | (last == 0) | (last > now))
     retire = np.flatnonzero(auto & ~touch & (now - last >= idle_ns)).tolist()
     free = np.flatnonzero(~auto & retiring & ((last > now) | (now - last >= grace_ns))).tolist()
-    for i in np.flatnonzero(touch).tolist():
-        seen_map.update(_key(i), ffi.new("__u64 *", now))
+    seen_map.mapped().view(np.uint64)[: len(touch)][touch] = now  # in place: no call per id
     if retire:
         _retire(pins, cfg, retire, now)
     for i in free:

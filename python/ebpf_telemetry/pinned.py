@@ -63,14 +63,13 @@ class PinnedMap:
             check_btf_layout(self.path, i, s.value)
 
     def mapped(self) -> npt.NDArray[np.uint8]:
-        """An array map's values in place (BPF_F_MMAPABLE): read-only bytes,
-        max_entries values of value_size rounded up to 8, no copy, no syscall."""
+        """An array map's values in place (BPF_F_MMAPABLE): bytes, max_entries
+        values of value_size rounded up to 8, no copy, no syscall. Writable
+        (a store is an update of the value, as the programs' are)."""
         size = self.max_entries * -(-int(self.info.value_size) // 8) * 8
         if self._mm is None:
             try:
-                self._mm = mmap.mmap(
-                    self.fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, prot=mmap.PROT_READ
-                )
+                self._mm = mmap.mmap(self.fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
             except OSError as e:
                 raise BpfError(f"mmap of {self.path}", e.errno or 22) from None
         return np.frombuffer(self._mm, dtype=np.uint8, count=size)
