@@ -38,7 +38,7 @@ class Snapshot:
     drops: dict[int, int]  # enum skb_drop_reason value -> count
     cpu: CpuTime
     misses: dict[str, int]  # program -> runs the kernel skipped (recursion_misses)
-    seen: dict[int, int]  # node id -> last activity, CLOCK_BOOTTIME ns (automatic peers)
+    seen: Mapping[int, int]  # node id -> last activity, CLOCK_BOOTTIME ns (automatic peers)
     boottime_ns: int  # when read, on the clock of `seen`
     max_peers: int
 
