@@ -347,7 +347,9 @@ class Checker:
         pool = pins["peer_free_map"]
         drained = pool.drain()
         time.sleep(GRACE_SECONDS)
-        used = set(np.flatnonzero(flags_of(pins)[1 : cfg.max_peers + 1]) + 1) | set(owners(pins))
+        flags = flags_of(pins)
+        addrs, beyond = owner_counts(pins, len(flags))
+        used = set(np.flatnonzero((flags != 0) | (addrs > 0)).tolist()) | beyond
         counts = Counter(drained)
         keep = [i for i in dict.fromkeys(drained) if 1 <= i <= cfg.max_peers and i not in used]
         missing = [i for i in range(1, cfg.max_peers + 1) if i not in used and i not in counts]
