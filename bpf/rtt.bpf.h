@@ -22,11 +22,20 @@ static __always_inline void metrics_add_rtt(struct node_metrics *m, __u64 us)
 	m->rtt_count += 1;
 }
 
+/* the same into a peer's row, which all CPUs share */
+static __always_inline void metrics_add_rtt_shared(struct node_metrics *m, __u64 us)
+{
+	if (!m)
+		return;
+	__sync_fetch_and_add(&m->rtt_sum, us);
+	__sync_fetch_and_add(&m->rtt_count, 1);
+}
+
 static __always_inline void record_rtt(const struct settings *s, __u32 node, __u64 us,
 				       __u32 overflow, __u32 port)
 {
-	struct node_metrics *host = KEEP(ABLATE_METRICS) ? metrics(NODE_HOST) : NULL;
-	struct node_metrics *peer = KEEP(ABLATE_METRICS) ? metrics(node) : NULL;
+	struct node_metrics *host = KEEP(ABLATE_METRICS) ? host_metrics() : NULL;
+	struct node_metrics *peer = KEEP(ABLATE_METRICS) ? peer_metrics(node) : NULL;
 	__u32 slot = KEEP(ABLATE_SLOT) ? value_to_slot(us) : 0;
 	__u64 ts = 0;
 
@@ -35,7 +44,7 @@ static __always_inline void record_rtt(const struct settings *s, __u32 node, __u
 	if (KEEP(ABLATE_PEER_ROW) && node != NODE_HOST)
 		hist_add_shared(&rtt_hist_map, node, slot);
 	metrics_add_rtt(host, us);
-	metrics_add_rtt(peer, us);
+	metrics_add_rtt_shared(peer, us);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
 	/* the clock is read only for sampled events: timestamp = the last one */

@@ -7,13 +7,37 @@ pinned.py, which checks its layout first.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
 
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import STATS, Hist, NodeMetrics
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpf_telemetry"
+
+
+class SeenTimes(Mapping[int, int]):
+    """peer_seen_map as read: node id -> time, for the ids that have one;
+    `array` holds every id's (0: none), for use without a loop over the ids."""
+
+    def __init__(self, array: npt.NDArray[np.uint64]) -> None:
+        self.array = array
+        self._ids = np.flatnonzero(array)
+
+    def __getitem__(self, node: int) -> int:
+        if not 0 <= node < len(self.array) or not self.array[node]:
+            raise KeyError(node)
+        return int(self.array[node])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class Pins:
@@ -76,16 +100,11 @@ class Pins:
         _, vals = m.array_rows(1)
         return Hist.from_percpu(vals, 0, m.ncpu)
 
-    def node_rows(self) -> tuple[dict[int, Hist], dict[int, NodeMetrics]]:
-        """Every node's RTT histogram and metrics: three batch look-ups (the
-        peers' shared histogram rows, the host's per-CPU one, the metrics)."""
-        hm, host, mm = self["rtt_hist_map"], self["rtt_host_hist_map"], self["node_metrics_map"]
-        n, hvals = hm.array_rows()
-        _, host_vals = host.array_rows(1)
-        k, mvals = mm.array_rows()
-        hists = {i: Hist.from_percpu(hvals, i, 1) for i in range(1, n)}
-        hists[0] = Hist.from_percpu(host_vals, 0, host.ncpu)
-        metrics = {i: NodeMetrics.from_percpu(mvals, i * mm.ncpu, mm.ncpu) for i in range(k)}
+    def node_rows(self) -> tuple[Mapping[int, Hist], Mapping[int, NodeMetrics]]:
+        """Every node's RTT histogram and metrics, node id -> value (noderows.first)."""
+        from ebpf_telemetry import noderows  # noderows reads through Pins
+
+        metrics, hists = noderows.first(self)
         return hists, metrics
 
     def add_expired(self, n: int) -> None:
@@ -97,10 +116,9 @@ class Pins:
         row[0] += n
         m.update(key, row)
 
-    def seen(self) -> dict[int, int]:
+    def seen(self) -> SeenTimes:
         """node id -> last activity (or retirement), CLOCK_BOOTTIME ns, where known."""
-        n, vals = self["peer_seen_map"].array_rows()
-        return {i: int(vals[i]) for i in range(n) if vals[i]}
+        return SeenTimes(self["peer_seen_map"].mapped().view(np.uint64).copy())
 
     def zero_node(self, node_id: int) -> None:
         """Reset one node's counters (its id is given to another peer)."""

@@ -2,7 +2,7 @@
 zone (`ebpf_zone_tcp_rtt_seconds`, `ebpf_zone_tcp_retransmits_total`).
 
 Every sample counts in exactly one zone. The kernel counts each RTT sample
-and retransmit in node 0 (rtt_host_hist_map, node_metrics_map[0]) and, if the
+and retransmit in node 0 (rtt_host_hist_map, host_metrics_map) and, if the
 socket has a peer id, in that peer's row: node 0 holds everything, the peer
 rows a part. A zone is the sum of the rows of its peers; peer_zone="" (the
 EMPTY_ZONE) is node 0 minus the zoned peers: peers without a zone, `other`,
