@@ -5,10 +5,11 @@ before each cycle (untimed) a sixteenth of the peers get new RTT samples and
 some retransmits, written into their rows as the programs would.
 
 Timed, as Agent.cycle runs them: read (take with the agent's NodeReader),
-table (the peer table's check and expiry step), rank (every peer's window
-count, retransmits and p99 from the window's arrays; the worst first), export
-(the collector's families for the worst EXPORTED peers: a stand-in for the
-series budget of issue 17, which decides what is exported), format and write.
+table (the peer table's check and expiry step), update (the real
+TelemetryCollector.update: zone totals, the series budget's ranking and
+choice, with the default export: peer_detail "quantiles", max_series 1,000)
+and write (exporter.write_textfile of the collector's registry: the families,
+their formatting and the atomic write).
 
     bigtable.py N CYCLES   (the child: prints one JSON line)
 """
@@ -24,7 +25,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import probes
 import tablecheck
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from ebpf_telemetry import exporter, loader, noderows, peertable
 from ebpf_telemetry.binding import ffi
@@ -42,10 +42,9 @@ from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
-EXPORTED = 300  # peers whose detail the stand-in exports
 MOVING = 16  # one peer in MOVING gets samples before each cycle
 INTERVAL = 5.0  # the default interval: CPU share = CPU per cycle / INTERVAL
-PARTS = ("read", "table", "rank", "export", "format", "write")
+PARTS = ("read", "table", "update", "write")
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,7 @@ def _timed_cycle(
     cfg: Config,
     checker: peertable.Checker,
     collector: TelemetryCollector,
+    registry: CollectorRegistry,
     prev: Snapshot,
     path: str,
 ) -> tuple[dict[str, float], Snapshot, int]:
@@ -125,29 +125,12 @@ def _timed_cycle(
     w = Window(prev, cur)
     peertable.expire(pins, cfg, w.active(), cur.seen, peertable.now_ns())
     t.append(time.perf_counter())
-    ids, q = w.rtt_quantiles_all((0.99,))
-    retrans = w.retransmits()[ids]
-    worst = ids[np.lexsort((-q[:, 0], -retrans.astype(np.float64)))[:EXPORTED]]
+    collector.update(w, 0.0)
     t.append(time.perf_counter())
-    shown = {i: cur.peers[i] for i in worst.tolist() if i in cur.peers}
-    collector.update(Window(replace(prev, peers=shown), replace(cur, peers=shown)), 0.0)
-    families = list(collector.collect())
-    t.append(time.perf_counter())
-    text = generate_latest(_Fixed(families))
-    t.append(time.perf_counter())
-    exporter.write_atomic(path, text)
+    size = exporter.write_textfile(path, registry)
     t.append(time.perf_counter())
     parts = {p: (b - a) * 1e3 for p, a, b in zip(PARTS, t[:-1], t[1:], strict=True)}
-    return parts, cur, len(text)
-
-
-class _Fixed(CollectorRegistry):
-    def __init__(self, families: list[Any]) -> None:
-        super().__init__(auto_describe=False)
-        self.families = families
-
-    def collect(self) -> Any:
-        return iter(self.families)
+    return parts, cur, size
 
 
 def child(n: int, cycles: int) -> BigCycle:
@@ -161,6 +144,8 @@ def child(n: int, cycles: int) -> BigCycle:
             reader = noderows.NodeReader(pins)
             checker = peertable.Checker()
             collector = TelemetryCollector(cfg)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(collector)
             path = os.path.join(tmp, "ebpf_telemetry.prom")
             prev = take(pins, reader)
             checker.check(pins, cfg)  # the first check drains and refills the pool
@@ -168,7 +153,9 @@ def child(n: int, cycles: int) -> BigCycle:
             for _ in range(cycles):
                 load.move()
                 c0 = time.process_time()
-                parts, prev, size = _timed_cycle(pins, reader, cfg, checker, collector, prev, path)
+                parts, prev, size = _timed_cycle(
+                    pins, reader, cfg, checker, collector, registry, prev, path
+                )
                 cpu.append(time.process_time() - c0)
                 times.append(parts)
             reader.close()
