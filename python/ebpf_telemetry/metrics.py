@@ -108,7 +108,7 @@ class TelemetryCollector(Collector):
     def update(self, window: Window, collect_seconds: float) -> None:
         """A new interval: the zones' counts and the peers the budget exports."""
         self.collect_seconds = collect_seconds
-        self.zone_totals.add(window, self.zones.by_id(window.cur.peers))
+        self.zone_totals.add(window, self._zone_of(window))
         unchosen = Export(window, budget.Choice([], 0), {}, [], self.detail, self.peer_buckets)
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
         most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.peer_buckets)
@@ -155,6 +155,17 @@ class TelemetryCollector(Collector):
         yield from self._sched(e.window)
         yield from self._budget_gauges(e.choice)
         yield from agent_families(self, e.window)
+
+    def _zone_of(self, w: Window) -> dict[int, str]:
+        """node id -> peer zone, of the ids ZoneTotals.add() needs: none when
+        no peer has a zone, after the first interval only those that moved."""
+        if not self.zones.peers:
+            return {}
+        moved = w.moved() if self.zone_totals.started else None
+        if moved is None:
+            return self.zones.by_id(w.cur.peers)
+        peers = w.cur.peers
+        return self.zones.by_id({i: peers[i] for i in moved.tolist() if i in peers})
 
     def _labels(self, choice: budget.Choice) -> dict[int, dict[str, str]]:
         """node id -> node, peer, peer_zone of the exported peers."""
