@@ -105,7 +105,10 @@ def candidates(
     Budget.choose() needs them with `fit` places and `held` (label -> node id
     of the peers holding a place)."""
     ids = _candidate_ids(w, peers)
-    retrans = w.retransmits()[ids].astype(np.int64)
+    counted = w.retransmits()
+    retrans = np.zeros(len(ids), dtype=np.int64)
+    inside = ids < len(counted)  # ids past the rows: never counted
+    retrans[inside] = counted[ids[inside]]
     quant = np.full((len(ids), len(WINDOW_QUANTILES)), np.nan)
     q_ids, q = w.rtt_quantiles_all(WINDOW_QUANTILES)
     pos = np.searchsorted(q_ids, ids)
@@ -130,7 +133,7 @@ def candidates(
 def _candidate_ids(w: Window, peers: Mapping[int, str]) -> npt.NDArray[np.int64]:
     """Peer ids, sorted: all but the host, and `other` only once it counted."""
     ids = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
-    ids = np.sort(ids[(ids != HOST) & (ids < len(w.cur.metric_array()))])
+    ids = np.sort(ids[ids != HOST])
     other = w.cur.max_peers + 1
     if peers.get(other) == RESERVED_PEER:
         m = w.cur.node(other)

@@ -58,7 +58,8 @@ class Snapshot:
         """Every node's struct node_metrics words, one row per node id."""
         if isinstance(self.metrics, noderows.MetricRows):
             return self.metrics.array
-        return _metric_array(self.metrics, max(self.metrics, default=0) + 1)
+        nodes = max(max(self.metrics, default=0) + 1, self.max_peers + 2)  # as the map's rows
+        return _metric_array(self.metrics, nodes)
 
 
 def _metric_array(metrics: Mapping[int, NodeMetrics], nodes: int) -> npt.NDArray[np.uint64]:
