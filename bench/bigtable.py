@@ -56,6 +56,8 @@ class BigCycle:
     parts_ms: dict[str, float]  # medians
     cpu_pct: float  # CPU per cycle over a 5 s interval, % of one core
     rss_mb: float  # the process's peak (VmHWM)
+    rss_end_mb: float  # after the cycles (VmRSS)
+    rss_base_mb: float  # before the table was filled: interpreter, libraries, BPF objects
     textfile_bytes: int
 
 
@@ -135,10 +137,17 @@ def _timed_cycle(
     return parts, cur, len(text)
 
 
+def _status(key: str) -> float:
+    """A /proc/self/status line's figure, MB."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 1024
+
+
 def child(n: int, cycles: int) -> BigCycle:
     cfg = Config(pin_dir=probes.pin_dir(f"big{n}"), textfile="/dev/null", max_peers=n)
     cfg = replace(cfg, node_name="bench", peer_idle_seconds=3600)
     loader.attach(cfg)
+    base = _status("VmRSS")
     try:
         with Pins(cfg.pin_dir) as pins, tempfile.TemporaryDirectory() as tmp:
             tablecheck._fill(pins, n)
@@ -160,12 +169,12 @@ def child(n: int, cycles: int) -> BigCycle:
                 )
                 cpu.append(time.process_time() - c0)
                 times.append(parts)
+            end = _status("VmRSS")
             reader.close()
     finally:
         loader.unload(cfg.pin_dir)
     totals = sorted(sum(p.values()) for p in times)
-    with open("/proc/self/status") as f:
-        hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+    hwm = _status("VmHWM")
     return BigCycle(
         n,
         max(n // MOVING, 1),
@@ -173,7 +182,9 @@ def child(n: int, cycles: int) -> BigCycle:
         totals[min(int(len(totals) * 0.95), len(totals) - 1)],
         {p: statistics.median(x[p] for x in times) for p in PARTS},
         100 * statistics.median(cpu) / INTERVAL,
-        hwm / 1024,
+        hwm,
+        end,
+        base,
         size,
     )
 
