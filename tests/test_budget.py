@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -323,3 +324,75 @@ def test_candidates_from_arrays_choose_as_the_scalar_definition(fit: int) -> Non
             assert g.quantiles == pytest.approx(s.quantiles)
         assert vector.held == scalar.held
         prev = cur
+
+
+def test_zone_totals_from_moved_rows_equal_the_per_peer_sums() -> None:
+    """ZoneTotals.add() over a reader's consecutive readings (rows summed per
+    zone with numpy, only the rows that moved) against the same counts as
+    hand-made snapshots (one peer at a time): equal zones and debt."""
+    import random
+
+    import numpy as np
+
+    from ebpf_telemetry import noderows
+
+    rng = random.Random(3)
+    names = {i: f"10.3.0.{i}" for i in range(1, 9)}
+    zone_of = {0: "", **{i: ("za", "zb", "")[i % 3] for i in names}}
+    nodes = 10  # max_peers 8: ids 0..9
+
+    def counts() -> tuple[np.ndarray, np.ndarray]:
+        rows = np.zeros((nodes, MAX_SLOTS), dtype=np.uint64)
+        words = np.zeros((nodes, noderows.WORDS), dtype=np.uint64)
+        for i in names:
+            for _ in range(rng.randint(0, 5)):
+                rows[i, rng.randrange(60, 120)] += rng.randint(1, 4)
+            words[i, noderows.RETRANS] = rng.randint(0, 2)
+        return rows, words
+
+    a_rows, a_words = counts()
+    d_rows, d_words = counts()
+    d_rows[[2, 5]] = 0  # not moving
+    d_words[[2, 5]] = 0
+    b_rows, b_words = a_rows + d_rows, a_words + d_words
+    for rows, words in ((a_rows, a_words), (b_rows, b_words)):
+        rows[0] = rows[1:].sum(axis=0) + 3  # node 0: all, and some no peer row holds
+        words[:, noderows.RTT_COUNT] = rows.sum(axis=1)
+        words[:, noderows.RTT_SUM] = words[:, noderows.RTT_COUNT] * 150
+        words[0, noderows.RETRANS] = words[1:, noderows.RETRANS].sum() + 1
+
+    def snap(t: float, hists: Any, metrics: Any) -> Snapshot:
+        return Snapshot(t, 1e9 + t, hists, metrics, {}, dict(names), Hist.empty(), {},
+                        CpuTime(), {}, {}, 0, 8)  # fmt: skip
+
+    def by_hand(rows: np.ndarray, words: np.ndarray, t: float) -> Snapshot:
+        hists = {i: Hist(tuple(rows[i].tolist())) for i in range(nodes)}
+        return snap(t, hists, {i: noderows.metrics_of(words[i]) for i in range(nodes)})
+
+    class Reader:  # HistRows.follows() asks only that both come from one reader
+        def row_at(self, node: int, seq: int) -> np.ndarray:
+            return np.zeros(MAX_SLOTS, dtype=np.uint64)  # a row not read had no samples
+
+    reader: Any = Reader()
+    moved = np.flatnonzero(d_rows[1:].any(axis=1)).astype(np.int64) + 1  # the rows re-read
+    read = np.flatnonzero(a_rows[1:].any(axis=1)).astype(np.int64) + 1
+    host_a, host_b = Hist(tuple(a_rows[0].tolist())), Hist(tuple(b_rows[0].tolist()))
+    prev = snap(5.0, noderows.HistRows(nodes, host_a, read, a_rows[read], 1, 0, None, reader),
+                noderows.MetricRows(a_words))  # fmt: skip
+    cur = snap(10.0, noderows.HistRows(nodes, host_b, moved, b_rows[moved], 2, 1,
+                                       a_rows[moved].astype(np.uint32), reader),
+               noderows.MetricRows(b_words))  # fmt: skip
+    w = Window(prev, cur)
+    assert w.moved() is not None and set(moved.tolist()) <= set(w.moved().tolist())
+    scalar, vector = ZoneTotals(), ZoneTotals()
+    hand_a, hand_b = by_hand(a_rows, a_words, 5.0), by_hand(b_rows, b_words, 10.0)
+    scalar.add(Window(hand_a, hand_a), zone_of)
+    vector.add(Window(prev, prev), zone_of)
+    scalar.add(Window(hand_a, hand_b), zone_of)
+    vector.add(w, {i: zone_of[i] for i in w.moved().tolist() if i in zone_of})
+    assert vector.zones.keys() == scalar.zones.keys() == {"", "za", "zb"}
+    for z, t in scalar.zones.items():
+        assert (vector.zones[z].slots, vector.zones[z].rtt_sum, vector.zones[z].retrans) == (
+            t.slots, t.rtt_sum, t.retrans), z  # fmt: skip
+    assert vector.debt == scalar.debt
+    assert sum(t.hist().count for t in vector.zones.values()) == int(b_rows[0].sum())

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from ebpf_telemetry import cputime, noderows, programs
 from ebpf_telemetry.config import RESERVED_PEER
 from ebpf_telemetry.cputime import CpuTime
-from ebpf_telemetry.histogram import quantiles_rows
+from ebpf_telemetry.histogram import MAX_SLOTS, quantiles_rows
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.noderows import NodeReader
 from ebpf_telemetry.nodes import HOST, peer_names
@@ -219,7 +219,7 @@ class Window:
         cur = self.cur.hists
         if not self._follows or not isinstance(cur, noderows.HistRows):
             slots = [self.hist(int(i)).slots for i in ids]  # small tables, by hand
-            return np.array(slots, dtype=np.uint64).reshape(len(ids), -1)
+            return np.array(slots, dtype=np.uint64).reshape(len(ids), MAX_SLOTS)
         pos = np.searchsorted(cur.ids, ids)
         pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
         found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
