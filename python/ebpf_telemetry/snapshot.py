@@ -58,8 +58,7 @@ class Snapshot:
         """Every node's struct node_metrics words, one row per node id."""
         if isinstance(self.metrics, noderows.MetricRows):
             return self.metrics.array
-        nodes = max(max(self.metrics, default=0) + 1, self.max_peers + 2)  # as the map's rows
-        return _metric_array(self.metrics, nodes)
+        return _metric_array(self.metrics, max(self.metrics, default=0) + 1)
 
 
 def _metric_array(metrics: Mapping[int, NodeMetrics], nodes: int) -> npt.NDArray[np.uint64]:
@@ -170,8 +169,12 @@ class Window:
         `latest` words as they stand at cur), as Window.node() computes them."""
         cur = self.cur.metric_array()
         prev = self.prev.metric_array()
-        if len(prev) != len(cur):  # another table size: all of cur
+        if self.prev.max_peers != self.cur.max_peers:  # another table size: all of cur
             prev = np.zeros_like(cur)
+        elif len(prev) != len(cur):  # snapshots made by hand: as many rows as cur
+            rows, k = np.zeros_like(cur), min(len(prev), len(cur))
+            rows[:k] = prev[:k]
+            prev = rows
         counters = np.ones(noderows.WORDS, dtype=np.bool_)
         counters[list(noderows.LATEST)] = False
         whole = self.owner_changed | (cur[:, counters] < prev[:, counters]).any(axis=1)
