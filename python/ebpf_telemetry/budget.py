@@ -221,7 +221,7 @@ class Budget:
 
     def holding(self) -> dict[str, int]:
         """label -> node id of the peers holding a place (for candidates())."""
-        return {label: self.ids[label] for label, left in self.held.items() if left > 0}
+        return {label: self.ids.get(label, -1) for label, left in self.held.items() if left > 0}
 
     def choose(self, inputs: Sequence[PeerInput] | Candidates, fit: int) -> Choice:
         """The peers to export this interval (at most fit), and updates the holds."""
