@@ -106,7 +106,7 @@ test-kernels: build deps-kernels mounts
 lint: build
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
+	MYPYPATH=tests $(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
 
 # what it costs, against the floor, bpftrace and libbpf-tools (prints a table)
 bench: build deps-bench mounts
