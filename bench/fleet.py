@@ -55,7 +55,7 @@ from report import Report, fmt
 
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.cputime import CpuTime
-from ebpf_telemetry.histogram import MAX_SLOTS, slot_lower, slot_upper
+from ebpf_telemetry.histogram import EDGE_SCHEMES, MAX_SLOTS, slot_lower, slot_upper
 from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.naming import Zones
 from ebpf_telemetry.snapshot import HOST, Snapshot, Window
@@ -256,10 +256,12 @@ class NodeExport:
         return generate_latest(self.registry)
 
 
-def node_config(node: Node, detail: str, max_series: int | None) -> Config:
+def node_config(
+    node: Node, detail: str, max_series: int | None, rtt_buckets: str = Config.rtt_buckets
+) -> Config:
     """The agent config of a node: the defaults, its name and zone, and the
     series budget when this release has one."""
-    kw: dict[str, Any] = {"node_name": node.name, "zone": node.zone}
+    kw: dict[str, Any] = {"node_name": node.name, "zone": node.zone, "rtt_buckets": rtt_buckets}
     have = {f.name for f in dataclasses.fields(Config)}
     if "peer_detail" in have:
         kw["peer_detail"] = detail
@@ -367,6 +369,7 @@ class FleetResult:
     peers: int
     peer_detail: str
     max_series: int | None
+    rtt_buckets: str
     budget: bool  # this release has max_series / peer_detail
     rounds: int
     scrape_interval_s: float
@@ -472,11 +475,12 @@ def run_fleet(
     max_series: int | None = None,
     rounds: int = 4,
     scrape_interval: float = 5.0,
+    rtt_buckets: str = Config.rtt_buckets,
 ) -> FleetResult:
     """F nodes scraped by one Prometheus for `rounds` rounds; its figures."""
     t0 = time.monotonic()
     nodes = [make_node(i, npeers) for i in range(nnodes)]
-    exports = [NodeExport(n, node_config(n, detail, max_series)) for n in nodes]
+    exports = [NodeExport(n, node_config(n, detail, max_series, rtt_buckets)) for n in nodes]
     targets = Targets(nnodes)
     server = serve(targets)
     try:
@@ -491,6 +495,7 @@ def run_fleet(
         result,
         peer_detail=detail,
         max_series=max_series,
+        rtt_buckets=rtt_buckets,
         rounds=rounds,
         scrape_interval_s=scrape_interval,
         seconds=time.monotonic() - t0,
@@ -524,6 +529,7 @@ def measure(
         peers=len(nodes[0].peers),
         peer_detail="",
         max_series=None,
+        rtt_buckets="",
         budget=has_budget(),
         rounds=0,
         scrape_interval_s=0.0,
@@ -585,7 +591,7 @@ def add_to_report(r: Report, results: Sequence[FleetResult]) -> None:
             budget = "no series budget in this release"
         r.row(
             s,
-            f"F={x.nodes:<5} {x.peers} peers, {x.peer_detail}",
+            f"F={x.nodes:<5} {x.peers} peers, {x.peer_detail}, {x.rtt_buckets}",
             f"{x.samples_per_node:,.0f} samples/node ({budget}); head series "
             f"{x.head_series:,.0f}; Prometheus RSS {x.prometheus_rss_mb:,.0f} MB; rules "
             + ", ".join(f"{g} {ms:.0f} ms" for g, ms in x.rule_eval_ms.items()),
@@ -626,11 +632,19 @@ def add_to_report(r: Report, results: Sequence[FleetResult]) -> None:
         )
 
 
-def run(r: Report, cases: Sequence[Case], npeers: int, rounds: int, interval: float) -> None:
+def run(
+    r: Report,
+    cases: Sequence[Case],
+    npeers: int = 1000,
+    rounds: int = 4,
+    interval: float = 5.0,
+    rtt_buckets: str = Config.rtt_buckets,
+) -> None:
+    """Each case in turn (a fresh Prometheus each), into r."""
     results = []
     for c in cases:
         print(f"fleet: F={c.nodes} {c.detail} ...", file=sys.stderr, flush=True)
-        results.append(run_fleet(c.nodes, npeers, c.detail, None, rounds, interval))
+        results.append(run_fleet(c.nodes, npeers, c.detail, None, rounds, interval, rtt_buckets))
     r.add("fleet", results)
     add_to_report(r, results)
 
@@ -642,6 +656,7 @@ def main() -> int:
     p.add_argument("--peers", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--scrape-interval", type=float, default=5.0)
+    p.add_argument("--rtt-buckets", choices=EDGE_SCHEMES, default=Config.rtt_buckets)
     p.add_argument("--quick", action="store_true", help="F=20 only (development)")
     p.add_argument("--out", default="bench-results/fleet.json")
     a = p.parse_args()
@@ -657,7 +672,7 @@ def main() -> int:
         cases = QUICK_CASES if a.quick else CASES
     r = Report()
     t0 = time.monotonic()
-    run(r, cases, a.peers, a.rounds, a.scrape_interval)
+    run(r, cases, a.peers, a.rounds, a.scrape_interval, a.rtt_buckets)
     print(r.table())
     print(f"\nfleet: {time.monotonic() - t0:.0f} s; JSON: {a.out}")
     r.write_json(a.out, {"seconds": time.monotonic() - t0, "cpus": os.cpu_count()})
