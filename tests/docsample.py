@@ -88,13 +88,13 @@ def recorded_kernel(d: dict[str, Any]) -> Iterator[None]:
     drop reason names (BTF) and the release (build_info)."""
     from unittest import mock
 
-    from ebpf_telemetry import metrics, report
+    from ebpf_telemetry import agentfamilies, metrics, report
 
     names = d["drops_by_name"]
     with (
         mock.patch.object(report.btf, "drops_by_name", lambda _: names),
         mock.patch.object(metrics.btf, "drops_by_name", lambda _: names),
-        mock.patch.object(metrics.platform, "release", lambda: d["kernel"]),
+        mock.patch.object(agentfamilies.platform, "release", lambda: d["kernel"]),
     ):
         yield
 

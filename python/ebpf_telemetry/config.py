@@ -66,6 +66,11 @@ class Config:
     peers_file: str | None = None  # lines `CIDR NAME [ZONE]` (peersfile.py), re-read on change
     zone: str = ""  # this node's zone (outside Kubernetes: there its Node's label says it)
     kubernetes: Kubernetes = field(default_factory=Kubernetes)
+    # the series budget (budget.py): samples in the export at most, what per-peer
+    # detail the worst peers get, and how many intervals a peer keeps it
+    max_series: int = 1000
+    peer_detail: str = "quantiles"
+    peer_detail_hold_intervals: int = 12
 
     @property
     def auto_peers(self) -> bool:
@@ -96,6 +101,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "peers_file": (str,),
     "zone": (str,),
     "kubernetes": (dict,),
+    "max_series": (int,),
+    "peer_detail": (str,),
+    "peer_detail_hold_intervals": (int,),
 }
 
 
@@ -103,6 +111,12 @@ LOOPBACK = "127.0.0.1"
 MIN_INTERVAL = 1.0  # a collection reads every map: sub-second intervals cost more than they show
 MAX_INTERVAL = 86400.0
 MAX_SAMPLE_RATE = 2**32 - 1
+PEER_DETAILS = ("quantiles", "histogram", "none")
+# max_series: no config exports fewer samples than this (the host, zone and
+# agent families; the exact minimum of a config is checked at start: budget.py)
+MIN_MAX_SERIES = 200
+MAX_MAX_SERIES = 10_000_000
+MAX_HOLD_INTERVALS = 100_000
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -227,6 +241,7 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: rtt_bucket_range_seconds [{low:g}, {high:g}] holds no {cfg.rtt_buckets} edge"
         )
+    validate_budget(cfg, where)
     if len(cfg.peers) > cfg.max_peers:
         raise ConfigError(f"{where}: {len(cfg.peers)} peers configured, max_peers {cfg.max_peers}")
     if not cfg.node_name:
@@ -237,6 +252,15 @@ def validate(cfg: Config, where: str) -> None:
             parse_listen(cfg.listen)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+def validate_budget(cfg: Config, where: str) -> None:
+    if not MIN_MAX_SERIES <= cfg.max_series <= MAX_MAX_SERIES:
+        raise ConfigError(f"{where}: max_series must be {MIN_MAX_SERIES}..{MAX_MAX_SERIES}")
+    if cfg.peer_detail not in PEER_DETAILS:
+        raise ConfigError(f"{where}: peer_detail must be one of {', '.join(PEER_DETAILS)}")
+    if not 0 <= cfg.peer_detail_hold_intervals <= MAX_HOLD_INTERVALS:
+        raise ConfigError(f"{where}: peer_detail_hold_intervals must be 0..{MAX_HOLD_INTERVALS}")
 
 
 def validate_sources(cfg: Config, where: str) -> None:

@@ -1,0 +1,60 @@
+"""Per-peer families of the peers the budget exports (budget.py), by peer_detail:
+
+- "histogram": ebpf_tcp_rtt_seconds (buckets at the rtt_buckets edges),
+  ebpf_tcp_rtt_window_seconds p50/p90/p99, ebpf_tcp_retransmits_total;
+- "quantiles": ebpf_tcp_rtt_window_seconds p50/p99, ebpf_tcp_rtt_samples_total,
+  ebpf_tcp_retransmits_total;
+- "none": nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from prometheus_client.core import Metric
+
+from ebpf_telemetry.budget import WINDOW_QUANTILES, PeerInput
+from ebpf_telemetry.families import US, Buckets, add_histogram, counter, histogram, summary
+from ebpf_telemetry.snapshot import Window
+
+Q_LABELS = tuple(f"{q:g}" for q in WINDOW_QUANTILES)
+SHOWN = {"histogram": Q_LABELS, "quantiles": ("0.5", "0.99")}  # quantiles per detail
+
+
+def families(
+    detail: str,
+    peers: Sequence[PeerInput],
+    labels: dict[int, dict[str, str]],
+    w: Window,
+    buckets: Buckets,
+) -> Iterator[Metric]:
+    """The families of detail for peers (labels: node id -> node, peer, peer_zone)."""
+    if detail not in SHOWN:
+        return
+    if detail == "histogram":
+        hist = histogram("ebpf_tcp_rtt_seconds")
+        for p in peers:
+            m = w.cur.node(p.node)
+            add_histogram(hist, labels[p.node], buckets, w.cur.hist(p.node), m.rtt_sum * US)
+        yield hist
+    else:
+        samples = counter("ebpf_tcp_rtt_samples_total")
+        for p in peers:
+            samples.add_metric(list(labels[p.node].values()), w.cur.node(p.node).rtt_count)
+        yield samples
+    yield _window(peers, labels, SHOWN[detail])
+    retrans = counter("ebpf_tcp_retransmits_total")
+    for p in peers:
+        retrans.add_metric(list(labels[p.node].values()), w.cur.node(p.node).retrans_count)
+    yield retrans
+
+
+def _window(
+    peers: Sequence[PeerInput], labels: dict[int, dict[str, str]], shown: tuple[str, ...]
+) -> Metric:
+    window = summary("ebpf_tcp_rtt_window_seconds")
+    for p in peers:
+        for q_label, v in zip(Q_LABELS, p.quantiles, strict=True):
+            if v is not None and q_label in shown:
+                window.add_sample(window.name, {**labels[p.node], "quantile": q_label}, v * US)
+    return window

@@ -1,0 +1,242 @@
+"""The series budget and the zone totals over synthetic windows (no kernel):
+ranking, hysteresis, the sample count of the real exposition, zones summing
+to the host. The same code runs on real traffic in test_peers.py
+(test_budget_with_hundreds_of_peers)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ebpf_telemetry import budget
+from ebpf_telemetry.budget import Budget, PeerInput
+from ebpf_telemetry.config import ConfigError, from_mapping
+from ebpf_telemetry.cputime import CpuTime
+from ebpf_telemetry.histogram import value_to_slot
+from ebpf_telemetry.metrics import TelemetryCollector
+from ebpf_telemetry.naming import Zones
+from ebpf_telemetry.snapshot import Snapshot, Window
+from ebpf_telemetry.values import Hist, NodeMetrics
+from ebpf_telemetry.zonehist import ZoneTotals
+
+MAX_SLOTS = len(Hist.empty().slots)
+
+
+def peer(node: int, retrans: int = 0, p99: float | None = None, label: str = "") -> PeerInput:
+    q = (p99 / 2, p99 / 2, p99) if p99 is not None else (None, None, None)
+    return PeerInput(node, label or f"p{node:03d}", retrans, q)
+
+
+def labels(c: budget.Choice) -> list[str]:
+    return [p.label for p in c.exported]
+
+
+def test_ranking_is_retransmits_then_p99_then_label() -> None:
+    b = Budget(hold=0, detail="quantiles")
+    peers = [peer(1, 0, 100.0), peer(2, 5, 10.0), peer(3, 0, 900.0), peer(4, 5, 20.0),
+             peer(5), peer(6, 1)]  # fmt: skip
+    assert labels(b.choose(peers, 3)) == ["p002", "p004", "p006"]
+    assert labels(b.choose(peers, 5)) == ["p001", "p002", "p003", "p004", "p006"]
+    c = b.choose(peers, 10)
+    assert len(c.exported) == 6 and c.folded == 0
+    assert b.choose(peers, 0).folded == 6
+
+
+def test_hysteresis_keeps_a_peer_for_hold_intervals_then_lets_it_go() -> None:
+    hold = 3
+    b = Budget(hold=hold, detail="quantiles")
+    slow = peer(1, 0, 500.0)
+    others = [peer(i, 0, 100.0) for i in range(2, 6)]
+    assert labels(b.choose([slow, *others], 1)) == ["p001"]
+    worse = peer(9, 2, 50.0)  # outranks p001 from now on
+    for _ in range(hold):  # p001 still has traffic: kept while its hold lasts
+        assert labels(b.choose([slow, worse, *others], 1)) == ["p001"]
+    assert labels(b.choose([slow, worse, *others], 1)) == ["p009"]
+    # p009 then stays while outranked, for hold intervals
+    worst = peer(7, 9, 10.0)
+    for _ in range(hold):
+        assert labels(b.choose([slow, worse, worst, *others], 1)) == ["p009"]
+    assert labels(b.choose([slow, worse, worst, *others], 1)) == ["p007"]
+
+
+def test_a_held_peer_that_goes_idle_gives_its_place_up_at_once() -> None:
+    b = Budget(hold=12, detail="quantiles")
+    assert labels(b.choose([peer(1, 3), peer(2, 0, 10.0)], 1)) == ["p001"]
+    assert labels(b.choose([peer(1), peer(2, 0, 10.0)], 1)) == ["p002"]
+
+
+def test_a_peer_that_keeps_ranking_in_renews_its_hold() -> None:
+    b = Budget(hold=2, detail="quantiles")
+    for _ in range(10):
+        assert labels(b.choose([peer(1, 5), peer(2, 0, 9.0)], 1)) == ["p001"]
+    assert b.held == {"p001": 2}
+
+
+def test_room_and_samples_per_peer() -> None:
+    assert budget.samples_per_peer("quantiles", 26) == 4
+    assert budget.samples_per_peer("histogram", 26) == 26 + 3 + 3 + 1
+    assert budget.samples_per_peer("none", 26) == 0
+    assert budget.room(1000, 300, 4) == 175
+    assert budget.room(200, 300, 4) == 0
+    assert budget.room(1000, 300, 0) == 0
+
+
+def test_folding_is_logged_once_when_it_starts_and_once_when_it_stops() -> None:
+    from structlog.testing import capture_logs
+
+    b = Budget(hold=0, detail="quantiles")
+    peers = [peer(i, 0, float(i)) for i in range(1, 6)]
+    with capture_logs() as logs:
+        for fit in (10, 2, 2, 3, 10, 10):
+            b.choose(peers, fit)
+    events = [e["event"] for e in logs]
+    assert len(events) == 2, events
+    assert "max_series" in events[0] and "folding stopped" in events[1]
+
+
+# -- synthetic windows through the real collector --------------------------
+
+
+def hist(samples_us: Iterable[int]) -> Hist:
+    slots = [0] * MAX_SLOTS
+    for v in samples_us:
+        slots[value_to_slot(v)] += 1
+    return Hist(tuple(slots))
+
+
+class Host:
+    """A synthetic host: cumulative per-peer RTT samples and retransmits, node 0 holding all."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.samples: dict[int, list[int]] = defaultdict(list)
+        self.retrans: dict[int, int] = defaultdict(int)
+        self.t = 0.0
+
+    def traffic(self, node: int, rtt_us: Iterable[int], retrans: int = 0) -> None:
+        """node 0: samples no peer row holds."""
+        s = list(rtt_us)
+        self.samples[node] += s
+        self.retrans[node] += retrans
+        if node:
+            self.samples[0] += s
+            self.retrans[0] += retrans
+
+    def snap(self) -> Snapshot:
+        self.t += 5
+        nodes = set(self.samples) | set(self.retrans) | {0}
+        hists = {n: hist(self.samples[n]) for n in nodes}
+        metrics = {n: NodeMetrics(rtt_sum=sum(self.samples[n]), rtt_count=len(self.samples[n]),
+                                  retrans_count=self.retrans[n]) for n in nodes}  # fmt: skip
+        stats: defaultdict[str, int] = defaultdict(int)
+        return Snapshot(self.t, 1e9 + self.t, hists, metrics, stats, dict(self.names),
+                        Hist.empty(), {}, CpuTime(), {}, {}, 0, 4096)  # fmt: skip
+
+
+def families(c: TelemetryCollector) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(c)
+    text = generate_latest(registry).decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name].append((s.labels, s.value))
+    return text, out
+
+
+def sample_lines(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+@pytest.mark.parametrize("detail", ["quantiles", "histogram", "none"])
+def test_the_export_never_exceeds_max_series_and_keeps_the_totals(detail: str) -> None:
+    names = {i: f"10.0.{i // 250}.{i % 250 + 1}" for i in range(1, 401)}
+    zones = Zones("z-a", {n: f"z-{i % 3}" for i, n in names.items() if i % 4})
+    cfg = from_mapping({"node_name": "n", "max_series": 400, "peer_detail": detail}, "test")
+    c = TelemetryCollector(cfg)
+    c.configure(cfg, zones)
+    host = Host(names)
+    prev = host.snap()
+    for round_ in range(3):
+        for i in names:
+            host.traffic(i, [100 + i] * 3, retrans=1 if i in (7, 77) else 0)
+        host.traffic(17, [90_000] * 3)  # slow
+        host.traffic(0, [50, 60])  # not attributed to a peer
+        cur = host.snap()
+        c.update(Window(prev, cur), 0.01)
+        prev = cur
+        text, fams = families(c)
+        assert sample_lines(text) <= 400
+        node_count = fams["ebpf_node_tcp_rtt_seconds_count"][0][1]
+        zone_counts = fams["ebpf_zone_tcp_rtt_seconds_count"]
+        assert sum(v for _, v in zone_counts) == node_count == len(host.samples[0])
+        retrans = fams["ebpf_zone_tcp_retransmits_total"]
+        assert sum(v for _, v in retrans) == host.retrans[0] == 2 * (round_ + 1)
+        assert {lb["peer_zone"] for lb, _ in zone_counts} == {"", "z-0", "z-1", "z-2"}
+        assert {lb["zone"] for lb, _ in zone_counts} == {"z-a"}
+        exported = fams["ebpf_peers_exported"][0][1]
+        folded = fams["ebpf_peers_folded"][0][1]
+        assert exported + folded == 400
+        shown = {lb["peer"] for lb, _ in fams["ebpf_tcp_retransmits_total"]}
+        assert len(shown) == exported
+        if detail != "none":  # the worst first: retransmits, then the slow one
+            assert {names[7], names[77], names[17]} <= shown
+            assert 0 < exported < 400
+        else:
+            assert exported == 0
+
+
+def test_zones_sum_to_the_host_when_reads_race_and_ids_are_reused() -> None:
+    """A zoned peer's row ahead of node 0 in a read (a sample between the two
+    reads): peer_zone="" owes it and the sum is exact again an interval later;
+    counters never go down."""
+    zt = ZoneTotals()
+    names = {1: "a", 2: "b"}
+    zone_of = {0: "", 1: "z1", 2: ""}
+    host = Host(names)
+    host.traffic(1, [100] * 5)
+    host.traffic(2, [200] * 5)
+    s0 = host.snap()
+    zt.add(Window(s0, s0), zone_of)
+    assert zt.zones["z1"].hist().count == 5 and zt.zones[""].hist().count == 5
+    # the peer row read with 2 samples node 0 did not show yet
+    host.traffic(1, [100] * 2)
+    s1 = host.snap()
+    lagging = dict(s1.hists)
+    lagging[0] = hist(host.samples[0][:-2])
+    zt.add(Window(s0, Snapshot(**{**s1.__dict__, "hists": lagging})), zone_of)
+    assert zt.zones["z1"].hist().count == 7 and zt.zones[""].hist().count == 5
+    assert sum(zt.debt.slots) == 2
+    host.traffic(2, [200] * 3)
+    s2 = host.snap()
+    racing = Snapshot(**{**s1.__dict__, "hists": lagging})
+    zt.add(Window(racing, s2), zone_of)
+    total = sum(t.hist().count for t in zt.zones.values())
+    assert total == s2.hist(0).count == 15 and sum(zt.debt.slots) == 0
+
+
+def test_max_series_below_what_the_config_always_exports_is_refused() -> None:
+    cfg = from_mapping({"max_series": 200}, "test")
+    with pytest.raises(ConfigError, match=r"max_series 200 is below \d+, the least"):
+        TelemetryCollector(cfg)
+    wide = from_mapping({"max_series": 200, "rtt_bucket_range_seconds": [0.001, 0.002]}, "test")
+    TelemetryCollector(wide)  # few edges: fits
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"max_series": 10}, "max_series must be 200.."),
+        ({"max_series": "1000"}, "max_series must be int"),
+        ({"peer_detail": "all"}, "peer_detail must be one of quantiles, histogram, none"),
+        ({"peer_detail_hold_intervals": -1}, "peer_detail_hold_intervals must be 0.."),
+    ],
+)
+def test_bad_budget_keys_are_one_line(keys: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        from_mapping(keys, "test")
+    assert "\n" not in str(e.value)
