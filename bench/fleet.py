@@ -78,6 +78,7 @@ SLOW_PER_NODE = 5
 RETRANS_PER_NODE = 3
 SAMPLES_PER_ROUND = (200, 400, 600)  # RTT samples per peer per round, by peer
 ROUND_SECONDS = 5.0  # the synthetic agent interval (snapshot clocks)
+WALL0 = 1.8e9  # the snapshots' Unix time at round 0
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,13 @@ def zone_median_us(a: int, b: int) -> float:
     return SAME_ZONE_US if a == b else CROSS_ZONE_US + STEP_US * (abs(a - b) - 1)
 
 
-def make_node(i: int, npeers: int) -> Node:
-    """Node i of the fleet: its zone, its peers and their known RTT."""
+TEMPLATES = 60  # distinct nodes (a multiple of the zones); node i is like node i % 60
+
+
+def make_node(i: int, npeers: int, templates: int = TEMPLATES) -> Node:
+    """Node i of the fleet: its zone, its peers and their known RTT (those of
+    node i % templates: nodes with the same inputs export the same samples)."""
+    name, i = f"node-{i:05d}", i % templates
     own = i % len(ZONES)
     slow = {(i * 37 + s * 199) % npeers for s in range(min(SLOW_PER_NODE, npeers))}
     retrans_ids = [(i * 53 + s * 331 + 7) % npeers for s in range(RETRANS_PER_NODE)]
@@ -127,7 +133,7 @@ def make_node(i: int, npeers: int) -> Node:
                 slow=j in slow,
             )
         )
-    return Node(i, f"node-{i:05d}", ZONES[own], tuple(peers))
+    return Node(int(name[5:]), name, ZONES[own], tuple(peers))
 
 
 def _lognormal_cdf(x: float, median: float) -> float:
@@ -199,7 +205,7 @@ def synthetic_snapshot(node: Node, k: int) -> Snapshot:
     )
     return Snapshot(
         monotonic=k * ROUND_SECONDS,
-        wall=time.time(),
+        wall=WALL0 + k * ROUND_SECONDS,
         hists=hists,
         metrics=metrics,
         stats=dict.fromkeys(STATS, 0),
@@ -375,6 +381,8 @@ class FleetResult:
     scrape_interval_s: float
     seconds: float
     render_ms_per_node: float
+    collectors: int  # nodes rendered by their own collector; the rest are renamed copies
+    copies_equal: bool | None  # a copy equals what its own collector renders
     samples_per_node: float  # lines of node 0's exposition
     scraped_samples_mean: float  # Prometheus' scrape_samples_scraped, all targets
     head_series: float
@@ -392,20 +400,53 @@ def count_samples(text: bytes) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
 
 
-def run_rounds(exports: Sequence[NodeExport], targets: Targets, rounds: int) -> float:
-    """Publish rounds 1..rounds, each once its previous was scraped; ms per render."""
+def renamed(text: bytes, template: Node, node: Node) -> bytes:
+    """A template's exposition as `node` would export it: only the node label
+    differs (names of the same length; see check_copy)."""
+    return text.replace(f'node="{template.name}"'.encode(), f'node="{node.name}"'.encode())
+
+
+def run_rounds(
+    exports: Sequence[NodeExport], nodes: Sequence[Node], targets: Targets, rounds: int
+) -> float:
+    """Publish rounds 1..rounds, each to a node once its previous round was
+    scraped: the real collector of each template renders it; the nodes that
+    share the template get its text renamed. Mean ms per render."""
     spent, renders = 0.0, 0
+    copies: dict[int, list[Node]] = {}
+    for n in nodes:
+        copies.setdefault(n.index % len(exports), []).append(n)
     for k in range(1, rounds + 1):
         for e in exports:
-            i = e.node.index
-            targets.wait_served(i, k - 1)
             t = time.perf_counter()
             text = e.render(k)
             spent, renders = spent + time.perf_counter() - t, renders + 1
-            targets.publish(i, k, text)
+            for n in copies[e.node.index]:
+                targets.wait_served(n.index, k - 1)
+                targets.publish(n.index, k, renamed(text, e.node, n))
         print(f"fleet: round {k}/{rounds} published", file=sys.stderr, flush=True)
     poll(lambda: targets.all_served(rounds), 600, "the last round's scrapes")
     return 1000 * spent / max(renders, 1)
+
+
+VOLATILE = (b"ebpf_config_last_reload_success_timestamp_seconds",)
+
+
+def check_copy(nodes: Sequence[Node], cfg: Config, targets: Targets, rounds: int) -> bool | None:
+    """Does the real collector of a renamed node (the last) render, round after
+    round, what was served for it? None when every node was rendered."""
+    node = nodes[-1]
+    if node.index < TEMPLATES:
+        return None
+    e = NodeExport(node, dataclasses.replace(cfg, node_name=node.name))
+    text = b""
+    for k in range(1, rounds + 1):
+        text = e.render(k)
+
+    def stable(t: bytes) -> list[bytes]:
+        return [line for line in t.splitlines() if not line.startswith(VOLATILE)]
+
+    return stable(text) == stable(targets.texts[node.index])
 
 
 def wait_rules(prom: Prometheus, after: float) -> dict[str, float]:
@@ -480,14 +521,16 @@ def run_fleet(
     """F nodes scraped by one Prometheus for `rounds` rounds; its figures."""
     t0 = time.monotonic()
     nodes = [make_node(i, npeers) for i in range(nnodes)]
-    exports = [NodeExport(n, node_config(n, detail, max_series, rtt_buckets)) for n in nodes]
+    cfgs = [node_config(n, detail, max_series, rtt_buckets) for n in nodes[:TEMPLATES]]
+    exports = [NodeExport(n, c) for n, c in zip(nodes, cfgs, strict=False)]
     targets = Targets(nnodes)
     server = serve(targets)
     try:
         with FleetPrometheus(server.server_address[1], nodes, f"{scrape_interval:g}s") as prom:
-            render_ms = run_rounds(exports, targets, rounds)
+            render_ms = run_rounds(exports, nodes, targets, rounds)
             rule_ms = wait_rules(prom, time.time())
             result = measure(prom, nodes, targets, render_ms, rule_ms)
+            same = check_copy(nodes, cfgs[-1], targets, rounds)
     finally:
         server.shutdown()
         server.server_close()
@@ -497,6 +540,8 @@ def run_fleet(
         max_series=max_series,
         rtt_buckets=rtt_buckets,
         rounds=rounds,
+        collectors=len(exports),
+        copies_equal=same,
         scrape_interval_s=scrape_interval,
         seconds=time.monotonic() - t0,
     )
@@ -535,6 +580,8 @@ def measure(
         scrape_interval_s=0.0,
         seconds=0.0,
         render_ms_per_node=render_ms,
+        collectors=0,
+        copies_equal=None,
         samples_per_node=sum(samples) / len(samples),
         scraped_samples_mean=float(scraped[0]["value"][1]) if scraped else 0.0,
         head_series=one("prometheus_tsdb_head_series"),
@@ -609,6 +656,12 @@ def add_to_report(r: Report, results: Sequence[FleetResult]) -> None:
             f"{RETRANS_PER_NODE + SLOW_PER_NODE} worst peers exported "
             f"({x.peers_exported_mean:.0f} peers/node exported); "
             f"{x.seconds:.0f} s, render {x.render_ms_per_node:.0f} ms/node",
+        )
+        r.row(
+            s,
+            f"F={x.nodes:<5} collectors run",
+            f"{x.collectors} (the other nodes: a template's exposition renamed; "
+            f"equal to their own collector's: {x.copies_equal})",
         )
     quant = [x for x in results if x.peer_detail == "quantiles"]
     ex = extrapolate(quant, EXTRAPOLATE_TO)
