@@ -73,7 +73,7 @@ SAME_ZONE_US = 200.0  # median RTT within a zone
 CROSS_ZONE_US = 800.0  # ... to the next zone, + STEP_US per zone further
 STEP_US = 300.0
 JITTER = (0.8, 0.9, 1.0, 1.1, 1.25)  # per-peer factor on the zone pair's median
-SLOW_FACTOR = 10.0
+SLOW_US = 20_000.0  # median of a slow peer (a congested path), whatever its zone
 SLOW_PER_NODE = 5
 RETRANS_PER_NODE = 3
 SAMPLES_PER_ROUND = (200, 400, 600)  # RTT samples per peer per round, by peer
@@ -127,7 +127,7 @@ def make_node(i: int, npeers: int, templates: int = TEMPLATES) -> Node:
             Peer(
                 name=f"peer-{j:04d}",
                 zone=ZONES[z],
-                median_us=median * (SLOW_FACTOR if j in slow else 1.0),
+                median_us=SLOW_US * JITTER[j % len(JITTER)] if j in slow else median,
                 per_round=SAMPLES_PER_ROUND[j % len(SAMPLES_PER_ROUND)],
                 retrans_per_round=retrans.get(j, 0),
                 slow=j in slow,
@@ -483,20 +483,28 @@ def _rfc3339(s: str) -> float:
 
 def zone_p99(prom: Prometheus) -> tuple[str, dict[tuple[str, str], float]]:
     """Zone-pair p99 as Prometheus has it: the shipped recording rule, or
-    (a release without zone families) from the per-peer histograms."""
+    (rules without it) the same from the zone families, or (a release without
+    zone families) from the per-peer histograms."""
     if ZONE_RULE in RULES.read_text():
-        rows = prom.query(ZONE_RULE)
-        return ZONE_RULE, {
-            (r["metric"].get("zone", ""), r["metric"].get("peer_zone", "")): float(r["value"][1])
-            for r in rows
-        }
+        return ZONE_RULE, _by_zone(prom.query(ZONE_RULE), "zone")
+    expr = (
+        "histogram_quantile(0.99, sum by (zone, peer_zone, le) "
+        "(rate(ebpf_zone_tcp_rtt_seconds_bucket[5m])))"
+    )
+    rows = prom.query(expr)
+    if rows:
+        return "ebpf_zone_tcp_rtt_seconds (no zone rule in rules.yml)", _by_zone(rows, "zone")
     expr = (
         "histogram_quantile(0.99, sum by (node_zone, peer_zone, le) "
         "(rate(ebpf_tcp_rtt_seconds_bucket[5m])))"
     )
     rows = prom.query(expr)
-    return "per-peer histograms (no zone rule in rules.yml)", {
-        (r["metric"].get("node_zone", ""), r["metric"].get("peer_zone", "")): float(r["value"][1])
+    return "per-peer histograms (no zone families)", _by_zone(rows, "node_zone")
+
+
+def _by_zone(rows: Any, own: str) -> dict[tuple[str, str], float]:
+    return {
+        (r["metric"].get(own, ""), r["metric"].get("peer_zone", "")): float(r["value"][1])
         for r in rows
     }
 
