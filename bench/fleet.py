@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from report import Report, fmt
 
-from ebpf_telemetry.config import Config
+from ebpf_telemetry.config import Config, ConfigError
 from ebpf_telemetry.cputime import CpuTime
 from ebpf_telemetry.histogram import EDGE_SCHEMES, MAX_SLOTS, slot_lower, slot_upper
 from ebpf_telemetry.metrics import TelemetryCollector
@@ -700,12 +700,15 @@ def run(
     rounds: int = 4,
     interval: float = 5.0,
     rtt_buckets: str = Config.rtt_buckets,
+    max_series: int | None = None,
 ) -> None:
     """Each case in turn (a fresh Prometheus each), into r."""
     results = []
     for c in cases:
         print(f"fleet: F={c.nodes} {c.detail} ...", file=sys.stderr, flush=True)
-        results.append(run_fleet(c.nodes, npeers, c.detail, None, rounds, interval, rtt_buckets))
+        results.append(
+            run_fleet(c.nodes, npeers, c.detail, max_series, rounds, interval, rtt_buckets)
+        )
     r.add("fleet", results)
     add_to_report(r, results)
 
@@ -717,6 +720,7 @@ def main() -> int:
     p.add_argument("--peers", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--scrape-interval", type=float, default=5.0)
+    p.add_argument("--max-series", type=int, help="the agents' max_series (default: theirs)")
     p.add_argument("--rtt-buckets", choices=EDGE_SCHEMES, default=Config.rtt_buckets)
     p.add_argument("--quick", action="store_true", help="F=20 only (development)")
     p.add_argument("--out", default="bench-results/fleet.json")
@@ -733,7 +737,11 @@ def main() -> int:
         cases = QUICK_CASES if a.quick else CASES
     r = Report()
     t0 = time.monotonic()
-    run(r, cases, a.peers, a.rounds, a.scrape_interval, a.rtt_buckets)
+    try:
+        run(r, cases, a.peers, a.rounds, a.scrape_interval, a.rtt_buckets, a.max_series)
+    except ConfigError as e:
+        print(f"fleet: {e}", file=sys.stderr)
+        return 2
     print(r.table())
     print(f"\nfleet: {time.monotonic() - t0:.0f} s; JSON: {a.out}")
     r.write_json(a.out, {"seconds": time.monotonic() - t0, "cpus": os.cpu_count()})
