@@ -35,6 +35,7 @@ import functools
 import http.server
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -735,6 +736,8 @@ def main() -> int:
         cases: Sequence[Case] = [Case(n, d) for n in a.nodes for d in a.detail or ["quantiles"]]
     else:
         cases = QUICK_CASES if a.quick else CASES
+    # a SIGTERM unwinds (stopping Prometheus and the server) like Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     r = Report()
     t0 = time.monotonic()
     try:
