@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import http.server
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -288,17 +290,22 @@ class Targets:
     def __init__(self, n: int) -> None:
         self.texts: list[bytes] = [b""] * n
         self.rounds = [0] * n  # round of texts[i]
-        self.served = [0] * n  # round last served
+        self.served = [0] * n  # round last served whole
+        self.failed = 0  # responses that could not be sent (scrape timeouts)
         self.lock = threading.Lock()
 
     def publish(self, i: int, k: int, text: bytes) -> None:
         with self.lock:
             self.texts[i], self.rounds[i] = text, k
 
-    def take(self, i: int) -> bytes:
+    def take(self, i: int) -> tuple[int, bytes]:
         with self.lock:
-            self.served[i] = self.rounds[i]
-            return self.texts[i]
+            return self.rounds[i], self.texts[i]
+
+    def sent(self, i: int, k: int) -> None:
+        """Prometheus received node i's round k whole."""
+        with self.lock:
+            self.served[i] = max(self.served[i], k)
 
     def wait_served(self, i: int, k: int) -> None:
         """Until Prometheus has scraped node i's round k (or a later one)."""
@@ -321,17 +328,26 @@ def serve(targets: Targets) -> http.server.ThreadingHTTPServer:
             if i >= len(targets.texts):
                 self.send_error(404)
                 return
-            body = targets.take(i)
+            k, body = targets.take(i)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
+            targets.sent(i, k)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            targets.failed += 1  # a scrape that timed out: it is not counted as served
+
+    server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -384,6 +400,7 @@ class FleetResult:
     render_ms_per_node: float
     collectors: int  # nodes rendered by their own collector; the rest are renamed copies
     copies_equal: bool | None  # a copy equals what its own collector renders
+    scrapes_failed: int  # responses Prometheus gave up on (timeouts)
     samples_per_node: float  # lines of node 0's exposition
     scraped_samples_mean: float  # Prometheus' scrape_samples_scraped, all targets
     head_series: float
@@ -407,27 +424,57 @@ def renamed(text: bytes, template: Node, node: Node) -> bytes:
     return text.replace(f'node="{template.name}"'.encode(), f'node="{node.name}"'.encode())
 
 
+class Renderer:
+    """The template nodes' collectors, in a child process: rendering holds
+    the GIL for seconds, which would starve the server's threads (scrapes
+    time out). Forked before any thread starts."""
+
+    def __init__(self, nodes: Sequence[Node], cfgs: Sequence[Config]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_render_loop, args=(child, nodes, cfgs), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def render(self, k: int) -> tuple[list[bytes], float]:
+        """Every template's exposition after round k; seconds spent rendering."""
+        self.conn.send(k)
+        texts, seconds = self.conn.recv()
+        return texts, seconds
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def _render_loop(conn: Connection, nodes: Sequence[Node], cfgs: Sequence[Config]) -> None:
+    exports = [NodeExport(n, c) for n, c in zip(nodes, cfgs, strict=True)]
+    while (k := conn.recv()) is not None:
+        t = time.perf_counter()
+        texts = [e.render(k) for e in exports]
+        conn.send((texts, time.perf_counter() - t))
+
+
 def run_rounds(
-    exports: Sequence[NodeExport], nodes: Sequence[Node], targets: Targets, rounds: int
+    renderer: Renderer, nodes: Sequence[Node], templates: int, targets: Targets, rounds: int
 ) -> float:
     """Publish rounds 1..rounds, each to a node once its previous round was
     scraped: the real collector of each template renders it; the nodes that
     share the template get its text renamed. Mean ms per render."""
-    spent, renders = 0.0, 0
-    copies: dict[int, list[Node]] = {}
-    for n in nodes:
-        copies.setdefault(n.index % len(exports), []).append(n)
+    spent = 0.0
     for k in range(1, rounds + 1):
-        for e in exports:
-            t = time.perf_counter()
-            text = e.render(k)
-            spent, renders = spent + time.perf_counter() - t, renders + 1
-            for n in copies[e.node.index]:
-                targets.wait_served(n.index, k - 1)
-                targets.publish(n.index, k, renamed(text, e.node, n))
+        texts, seconds = renderer.render(k)
+        spent += seconds
+        for n in nodes:
+            template = nodes[n.index % templates]
+            targets.wait_served(n.index, k - 1)
+            targets.publish(n.index, k, renamed(texts[template.index], template, n))
         print(f"fleet: round {k}/{rounds} published", file=sys.stderr, flush=True)
     poll(lambda: targets.all_served(rounds), 600, "the last round's scrapes")
-    return 1000 * spent / max(renders, 1)
+    return 1000 * spent / (rounds * templates)
 
 
 VOLATILE = (b"ebpf_config_last_reload_success_timestamp_seconds",)
@@ -531,16 +578,18 @@ def run_fleet(
     t0 = time.monotonic()
     nodes = [make_node(i, npeers) for i in range(nnodes)]
     cfgs = [node_config(n, detail, max_series, rtt_buckets) for n in nodes[:TEMPLATES]]
-    exports = [NodeExport(n, c) for n, c in zip(nodes, cfgs, strict=False)]
+    NodeExport(nodes[0], cfgs[0])  # a config the collector refuses: ConfigError here
+    renderer = Renderer(nodes[:TEMPLATES], cfgs)
     targets = Targets(nnodes)
     server = serve(targets)
     try:
         with FleetPrometheus(server.server_address[1], nodes, f"{scrape_interval:g}s") as prom:
-            render_ms = run_rounds(exports, nodes, targets, rounds)
+            render_ms = run_rounds(renderer, nodes, len(cfgs), targets, rounds)
             rule_ms = wait_rules(prom, time.time())
             result = measure(prom, nodes, targets, render_ms, rule_ms)
             same = check_copy(nodes, cfgs[-1], targets, rounds)
     finally:
+        renderer.close()
         server.shutdown()
         server.server_close()
     return dataclasses.replace(
@@ -549,7 +598,8 @@ def run_fleet(
         max_series=max_series,
         rtt_buckets=rtt_buckets,
         rounds=rounds,
-        collectors=len(exports),
+        collectors=len(cfgs),
+        scrapes_failed=targets.failed,
         copies_equal=same,
         scrape_interval_s=scrape_interval,
         seconds=time.monotonic() - t0,
@@ -591,6 +641,7 @@ def measure(
         render_ms_per_node=render_ms,
         collectors=0,
         copies_equal=None,
+        scrapes_failed=0,
         samples_per_node=sum(samples) / len(samples),
         scraped_samples_mean=float(scraped[0]["value"][1]) if scraped else 0.0,
         head_series=one("prometheus_tsdb_head_series"),
@@ -610,9 +661,10 @@ def measure(
 class Case:
     nodes: int
     detail: str
+    scrape_interval: float = 5.0
 
 
-CASES = (Case(100, "quantiles"), Case(1000, "quantiles"), Case(100, "histogram"))
+CASES = (Case(100, "quantiles"), Case(1000, "quantiles", 15.0), Case(100, "histogram"))
 QUICK_CASES = (Case(20, "quantiles"), Case(20, "histogram"))
 EXTRAPOLATE_TO = 10_000
 
@@ -670,7 +722,8 @@ def add_to_report(r: Report, results: Sequence[FleetResult]) -> None:
             s,
             f"F={x.nodes:<5} collectors run",
             f"{x.collectors} (the other nodes: a template's exposition renamed; "
-            f"equal to their own collector's: {x.copies_equal})",
+            f"equal to their own collector's: {x.copies_equal}); "
+            f"{x.scrapes_failed} responses not taken (scrape timeouts)",
         )
     quant = [x for x in results if x.peer_detail == "quantiles"]
     ex = extrapolate(quant, EXTRAPOLATE_TO)
@@ -699,7 +752,6 @@ def run(
     cases: Sequence[Case],
     npeers: int = 1000,
     rounds: int = 4,
-    interval: float = 5.0,
     rtt_buckets: str = Config.rtt_buckets,
     max_series: int | None = None,
 ) -> None:
@@ -708,7 +760,7 @@ def run(
     for c in cases:
         print(f"fleet: F={c.nodes} {c.detail} ...", file=sys.stderr, flush=True)
         results.append(
-            run_fleet(c.nodes, npeers, c.detail, max_series, rounds, interval, rtt_buckets)
+            run_fleet(c.nodes, npeers, c.detail, max_series, rounds, c.scrape_interval, rtt_buckets)
         )
     r.add("fleet", results)
     add_to_report(r, results)
@@ -720,7 +772,7 @@ def main() -> int:
     p.add_argument("--detail", choices=("quantiles", "histogram", "none"), action="append")
     p.add_argument("--peers", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--scrape-interval", type=float, default=5.0)
+    p.add_argument("--scrape-interval", type=float, default=5.0, help="with --nodes")
     p.add_argument("--max-series", type=int, help="the agents' max_series (default: theirs)")
     p.add_argument("--rtt-buckets", choices=EDGE_SCHEMES, default=Config.rtt_buckets)
     p.add_argument("--quick", action="store_true", help="F=20 only (development)")
@@ -733,7 +785,9 @@ def main() -> int:
         if any(n < 1 for n in a.nodes):
             print("fleet: --nodes must be >= 1", file=sys.stderr)
             return 2
-        cases: Sequence[Case] = [Case(n, d) for n in a.nodes for d in a.detail or ["quantiles"]]
+        cases: Sequence[Case] = [
+            Case(n, d, a.scrape_interval) for n in a.nodes for d in a.detail or ["quantiles"]
+        ]
     else:
         cases = QUICK_CASES if a.quick else CASES
     # a SIGTERM unwinds (stopping Prometheus and the server) like Ctrl-C
@@ -741,7 +795,7 @@ def main() -> int:
     r = Report()
     t0 = time.monotonic()
     try:
-        run(r, cases, a.peers, a.rounds, a.scrape_interval, a.rtt_buckets, a.max_series)
+        run(r, cases, a.peers, a.rounds, a.rtt_buckets, a.max_series)
     except ConfigError as e:
         print(f"fleet: {e}", file=sys.stderr)
         return 2
