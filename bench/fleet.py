@@ -770,9 +770,9 @@ def run(
     results = []
     for c in cases:
         print(f"fleet: F={c.nodes} {c.detail} ...", file=sys.stderr, flush=True)
-        results.append(
-            run_fleet(c.nodes, npeers, c.detail, max_series, rounds, c.scrape_interval, rtt_buckets)
-        )
+        x = run_fleet(c.nodes, npeers, c.detail, max_series, rounds, c.scrape_interval, rtt_buckets)
+        results.append(x)
+        print(f"fleet: {json.dumps(dataclasses.asdict(x))}", file=sys.stderr, flush=True)
     r.add("fleet", results)
     add_to_report(r, results)
 
