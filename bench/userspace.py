@@ -122,7 +122,8 @@ def cycles(counts: tuple[int, ...], n: int, schemes: tuple[str, ...]) -> list[Cy
         workload.peers(1) as conns,
         Pins(t.pins) as pins,
     ):
-        cfg = Config(node_name="bench")
+        # today's full export (every peer's histogram), as the figures before the budget
+        cfg = Config(node_name="bench", peer_detail="histogram", max_series=10_000_000)
         collector = TelemetryCollector(cfg)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
@@ -180,7 +181,8 @@ def agent(peer_count: int, seconds: float, warmup: float) -> AgentResult:
         textfile = os.path.join(tmp, "ebpf_telemetry.prom")
         config = os.path.join(tmp, "config.toml")
         with open(config, "w") as f:
-            f.write('node_name = "bench"\n' + probes.peers_toml(peer_count))
+            f.write('node_name = "bench"\npeer_detail = "histogram"\nmax_series = 10000000\n'
+                    + probes.peers_toml(peer_count))
         argv = [
             sys.executable,
             "-m",

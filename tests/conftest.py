@@ -53,6 +53,10 @@ def pin_dir() -> Iterator[str]:
         loader.unload(d)
 
 
+FULL_DETAIL = {"peer_detail": "histogram", "max_series": 10_000_000}
+FULL_DETAIL_TOML = 'peer_detail = "histogram"\nmax_series = 10000000\n'
+
+
 @pytest.fixture
 def make_config(pin_dir: str, tmp_path: Path) -> Any:
     """make_config(**keys) -> Config with this test's pin dir and textfile."""
@@ -64,6 +68,9 @@ def make_config(pin_dir: str, tmp_path: Path) -> Any:
             "textfile": str(tmp_path / "ebpf_telemetry.prom"),
             "node_name": "test-node",
             "interval_seconds": 1,
+            # the tests before the series budget check every peer's histogram
+            # (test_budget.py and test_peers.py's budget test pass their own)
+            **FULL_DETAIL,
         }
         return config.from_mapping({**base, **keys}, "test")
 

@@ -169,14 +169,18 @@ def read_ts(path: Path) -> tuple[float, float, float] | None:
     return (float(m.group(1)), float(d.group(1)) if d else 0.0, mtime) if m else None
 
 
+# every peer's histogram: the soak counts peers by ebpf_tcp_rtt_seconds_count
+FULL = 'peer_detail = "histogram"\nmax_series = 10000000\n'
+
+
 def agent_config(mode: str) -> str:
     """auto: automatic peers, max_peers with room for foreign addresses;
     named: each of the load's addresses a peer named after it, in a table of
     exactly 255 (the default max_peers), deterministic whatever else runs."""
     if mode == "auto":
-        return f"sample_rate = 100\nmax_peers = {PEERS + FOREIGN_ROOM}\n"
+        return f"{FULL}sample_rate = 100\nmax_peers = {PEERS + FOREIGN_ROOM}\n"
     lines = [f'"{addr}" = ["{addr}/32"]' for addr in sorted(EXPECTED)]
-    return "sample_rate = 100\nmax_peers = 255\n[peers]\n" + "\n".join(lines) + "\n"
+    return FULL + "sample_rate = 100\nmax_peers = 255\n[peers]\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import FULL_DETAIL_TOML
 from netlab import DelayLine, Netns, TcpEchoServer, TcpPingPong, wait_until
 from promstack import NodeExporter, Prometheus, free_port, require
 
@@ -47,7 +48,8 @@ def stack(pin_dir: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
     textdir = tmp_path / "textfile"
     textdir.mkdir()
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[peers]\n{PEER} = ["10.244.0.2/32"]\nnear = ["10.244.0.1/32"]\n')
+    peers = f'[peers]\n{PEER} = ["10.244.0.2/32"]\nnear = ["10.244.0.1/32"]\n'
+    cfg.write_text(FULL_DETAIL_TOML + peers)
     port = free_port()
     prom_file = textdir / "ebpf_telemetry.prom"
     agent = Agent(
@@ -152,7 +154,8 @@ def test_promtool_is_clean_with_each_rtt_buckets(
     finds nothing but the seed's names, and every per-peer le is an edge of
     that scheme (and the host histogram's a superset)."""
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'rtt_buckets = "{buckets}"\nrtt_bucket_range_seconds = [0.00001, 0.5]\n')
+    edges = f'rtt_buckets = "{buckets}"\nrtt_bucket_range_seconds = [0.00001, 0.5]\n'
+    cfg.write_text(FULL_DETAIL_TOML + edges)
     textfile = tmp_path / "ebpf_telemetry.prom"
     stop = threading.Event()
 

@@ -84,8 +84,15 @@ GAUGES = {
     "ebpf_telemetry_interval_seconds",
     "ebpf_collector_up",
     "ebpf_config_last_reload_successful",
+    "ebpf_peers_exported",
+    "ebpf_peers_folded",
 }
-HISTOGRAMS = {"ebpf_tcp_rtt_seconds", "ebpf_node_tcp_rtt_seconds", "ebpf_runqueue_latency_seconds"}
+HISTOGRAMS = {
+    "ebpf_tcp_rtt_seconds",
+    "ebpf_node_tcp_rtt_seconds",
+    "ebpf_zone_tcp_rtt_seconds",
+    "ebpf_runqueue_latency_seconds",
+}
 SERIES_NAMES = (
     COUNTERS
     | GAUGES
@@ -205,6 +212,16 @@ class SampleCollector(Collector):
         )
         host.add_metric([NODE], histogram_buckets(everything), sum(everything) * 1e-6)
         yield host
+        zone = HistogramMetricFamily(
+            "ebpf_zone_tcp_rtt_seconds",
+            "TCP smoothed RTT per zone pair.",
+            labels=["node", "zone", "peer_zone"],
+        )  # node-b in zone-b, the rest without a zone
+        rest = [v for peer, obs in s.rtt_us.items() if peer != "node-b" for v in obs]
+        nb = s.rtt_us["node-b"]
+        zone.add_metric([NODE, "zone-a", "zone-b"], histogram_buckets(nb), sum(nb) * 1e-6)
+        zone.add_metric([NODE, "zone-a", ""], histogram_buckets(rest), sum(rest) * 1e-6)
+        yield zone
         retrans = CounterMetricFamily(
             "ebpf_tcp_retransmits", "TCP retransmits per peer.", labels=["node", "peer"]
         )
@@ -243,6 +260,8 @@ class SampleCollector(Collector):
             ("ebpf_telemetry_collect_duration_seconds", 0.003),
             ("ebpf_telemetry_interval_seconds", 5.0),
             ("ebpf_config_last_reload_successful", 1.0),
+            ("ebpf_peers_exported", float(len(s.rtt_us))),
+            ("ebpf_peers_folded", 0.0),
         ):
             g = GaugeMetricFamily(name, "Agent self-monitoring.", labels=["node"])
             g.add_metric([NODE], value)
@@ -314,6 +333,8 @@ def test_rules_follow_conventions_and_use_our_metrics() -> None:
         "node_peer:ebpf_tcp_retransmits:rate5m": "ebpf_tcp_retransmits_total",
         "node_reason:ebpf_packet_drops:rate5m": "ebpf_packet_drops_total",
         "node:ebpf_runqueue_latency_seconds:p99_rate5m": "ebpf_runqueue_latency_seconds_bucket",
+        "zone:ebpf_tcp_rtt_seconds:p99_rate5m": "histogram_quantile(0.99, sum by (zone, peer_zone, "
+        "le) (rate(ebpf_zone_tcp_rtt_seconds_bucket[5m])))",
     }
     by_name = {r["record"]: " ".join(r["expr"].split()) for r in rules if "record" in r}
     for name, fragment in required.items():
@@ -620,6 +641,11 @@ def test_recording_rules_on_live_data(live: Live) -> None:
     ):
         result = prom.wait_for(name, lambda r: bool(finite_values(r)))
         assert all(s["metric"]["node"] == NODE for s in result), name
+    # zone-a -> zone-b is node-b: its 60 new samples all in (1024, 2048] us
+    zone = prom.wait_for(
+        'zone:ebpf_tcp_rtt_seconds:p99_rate5m{zone="zone-a",peer_zone="zone-b"}', finite_nonempty
+    )
+    assert values(zone)[0] == pytest.approx(0.001024 * (1 + 0.99), rel=1e-9)
     groups = prom.api("rules")["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == len(all_rules())

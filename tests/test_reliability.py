@@ -107,8 +107,12 @@ def disk_state(pin_dir: str, *files: Path) -> dict[str, Any]:
 
 
 def toml(tmp: Path, text: str, name: str = "c.toml") -> Path:
+    """A config file of text; one with settings and no peer_detail gets every
+    peer's histogram (conftest.FULL_DETAIL_TOML), as before the series budget."""
+    from conftest import FULL_DETAIL_TOML
+
     p = tmp / name
-    p.write_text(text)
+    p.write_text(FULL_DETAIL_TOML + text if text.strip() and "peer_detail" not in text else text)
     return p
 
 

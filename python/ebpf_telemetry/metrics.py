@@ -71,6 +71,17 @@ class TelemetryCollector(Collector):
         (at start and reload) and the peer names' source (naming.py). A
         max_series below what the always-exported families take: ConfigError."""
         zones = zones or Zones(cfg.zone)
+        peer_buckets, host_buckets = self.check(cfg, zones)
+        self.node_name = cfg.node_name
+        self.interval_seconds = cfg.interval_seconds
+        self.zones, self.peer_buckets, self.host_buckets = zones, peer_buckets, host_buckets
+        self.max_series, self.detail = cfg.max_series, cfg.peer_detail
+        self.budget.configure(cfg.peer_detail_hold_intervals, cfg.peer_detail)
+
+    @staticmethod
+    def check(cfg: Config, zones: Zones) -> tuple[Buckets, Buckets]:
+        """The per-peer and host buckets of cfg; ConfigError if max_series is
+        below what cfg always exports."""
         low, high = cfg.rtt_bucket_range_seconds
         peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
         host_buckets = Buckets.of("all", low, high)
@@ -80,11 +91,7 @@ class TelemetryCollector(Collector):
                 f"max_series {cfg.max_series} is below {least}, the least this config exports "
                 "(host, zone and agent families): raise it or narrow rtt_bucket_range_seconds"
             )
-        self.node_name = cfg.node_name
-        self.interval_seconds = cfg.interval_seconds
-        self.zones, self.peer_buckets, self.host_buckets = zones, peer_buckets, host_buckets
-        self.max_series, self.detail = cfg.max_series, cfg.peer_detail
-        self.budget.configure(cfg.peer_detail_hold_intervals, cfg.peer_detail)
+        return peer_buckets, host_buckets
 
     def update(self, window: Window, collect_seconds: float) -> None:
         """A new interval: the zones' counts and the peers the budget exports."""
