@@ -36,6 +36,7 @@ import export
 import fleet
 import hooks
 import latency
+import layoutcost
 import probes
 import tablecheck
 import userspace
@@ -83,11 +84,23 @@ def run_hooks(r: Report, plan: Plan) -> None:
             f"{fmt(sp.ns, '.0f', ' ns')}/run over {sp.runs} runs, {sp.samples} samples "
             f"({100 * sp.samples / max(sp.runs, 1):.0f}% of runs record)",
         )
+    run_layout_cost(r, plan)
     rtt, floor, bt = (h.ns("tcp_probe", w) for w in ("ours", "empty", "bpftrace"))
     r.target("tcp_probe / empty floor", ratio(rtt, floor), "x", 2.0)
     r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.5)
     for hook in ("sched_wakeup", "sched_switch"):
         r.target(f"{hook} / runqlat", ratio(h.ns(hook, "ours"), h.ns(hook, "runqlat")), "x", 0.5)
+
+
+def run_layout_cost(r: Report, plan: Plan) -> None:
+    costs = layoutcost.measure(plan.hook_seconds / 2)
+    r.add("layout_cost", costs)
+    for c in costs:
+        r.row(
+            "1c. tcp_probe: peer counters in shared rows vs per-CPU rows (same events)",
+            f"{c.layout:<13} attached {'first' if c.order == 1 else 'second'}",
+            f"{fmt(c.ns, '.0f', ' ns')}/run over {c.events} runs",
+        )
 
 
 def run_latency(r: Report, plan: Plan) -> None:

@@ -5,7 +5,7 @@
  * counts it in recursion_misses: ebpf_bpf_misses_total), so no add can be
  * interrupted by another to the same slot. Slots that several programs
  * share (stats_map, retrans_count) use atomic adds, as do the rows all CPUs
- * share (rtt_hist_map's peers). */
+ * share (rtt_hist_map's and node_metrics_map's peers). */
 #ifndef __COUNTERS_BPF_H
 #define __COUNTERS_BPF_H
 
@@ -53,8 +53,19 @@ static __always_inline void hist_add_shared(void *map, __u32 idx, __u32 slot)
 		__sync_fetch_and_add(&h->slots[slot], 1);
 }
 
-static __always_inline struct node_metrics *metrics(__u32 node)
+/* node 0: the host's per-CPU row (plain adds); a peer: its shared row
+ * (atomic adds only, see peer_metrics) */
+static __always_inline struct node_metrics *host_metrics(void)
 {
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&host_metrics_map, &zero);
+}
+
+static __always_inline struct node_metrics *peer_metrics(__u32 node)
+{
+	if (node == NODE_HOST)
+		return 0;
 	return bpf_map_lookup_elem(&node_metrics_map, &node);
 }
 

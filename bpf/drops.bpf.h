@@ -23,7 +23,7 @@ static __always_inline void record_drop(const struct settings *s, __u32 reason)
 		count = bpf_map_lookup_or_try_init(&drop_subsys_map, &reason, &zero);
 	if (count)
 		*count += 1;
-	m = metrics(NODE_HOST);
+	m = host_metrics();
 	if (m)
 		m->drop_count += 1;
 	emit_event(s, EVENT_DROP, NODE_HOST, reason, 0);

@@ -34,13 +34,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } rtt_host_hist_map SEC(".maps");
 
+/* counters per peer: one row per node id shared by all CPUs (atomic adds),
+ * as per-CPU rows would cost (max_peers + 2) x 64 B per CPU (268 MiB at
+ * 16,384 peers and 256 CPUs); mmap-able, so userspace reads it in place.
+ * Node 0's row stays empty: the host's counters are host_metrics_map */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DEFAULT_NODES);
 	__type(key, __u32);
 	__type(value, struct node_metrics);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_metrics_map SEC(".maps");
+
+/* counters of node 0 (this host): per-CPU, as every CPU adds to it */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_metrics);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} host_metrics_map SEC(".maps");
 
 /* run-queue latency: node 0 only (a per-node array to match rtt_hist_map) */
 struct {

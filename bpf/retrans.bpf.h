@@ -25,13 +25,13 @@ static __always_inline __u32 tcp_pcount(const void *skb)
 static __always_inline void record_retrans(const struct settings *s, __u32 node, __u32 overflow,
 					   __u32 segs, __u32 state)
 {
-	struct node_metrics *m = metrics(NODE_HOST);
+	struct node_metrics *m = host_metrics();
 
 	/* two programs write retrans_count (retrans_skb in task context can be
 	 * interrupted by retrans_synack from a timer): atomic adds */
 	if (m)
 		__sync_fetch_and_add(&m->retrans_count, segs);
-	m = metrics(node);
+	m = peer_metrics(node);
 	if (m)
 		__sync_fetch_and_add(&m->retrans_count, segs);
 	if (overflow)

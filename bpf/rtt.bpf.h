@@ -18,10 +18,19 @@ static __always_inline void metrics_add_rtt(struct node_metrics *m, __u64 us)
 	m->rtt_count += 1;
 }
 
+/* the same into a peer's row, which all CPUs share */
+static __always_inline void metrics_add_rtt_shared(struct node_metrics *m, __u64 us)
+{
+	if (!m)
+		return;
+	__sync_fetch_and_add(&m->rtt_sum, us);
+	__sync_fetch_and_add(&m->rtt_count, 1);
+}
+
 static __always_inline void record_rtt(const struct settings *s, __u32 node, __u64 us,
 				       __u32 overflow, __u32 port)
 {
-	struct node_metrics *host = metrics(NODE_HOST), *peer = metrics(node);
+	struct node_metrics *host = host_metrics(), *peer = peer_metrics(node);
 	__u32 slot = value_to_slot(us);
 	__u64 ts;
 
@@ -29,7 +38,7 @@ static __always_inline void record_rtt(const struct settings *s, __u32 node, __u
 	if (node != NODE_HOST)
 		hist_add_shared(&rtt_hist_map, node, slot);
 	metrics_add_rtt(host, us);
-	metrics_add_rtt(peer, us);
+	metrics_add_rtt_shared(peer, us);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
 	/* the clock is read only for sampled events: timestamp = the last one */

@@ -22,7 +22,7 @@ static __always_inline void record_runqlat(const struct settings *s, __u64 delta
 	struct node_metrics *m;
 
 	hist_add(&runqlat_hist_map, NODE_HOST, value_to_slot(us));
-	m = metrics(NODE_HOST);
+	m = host_metrics();
 	if (m) {
 		m->runqlat_sum += us;
 		m->runqlat_count += 1;

@@ -13,7 +13,7 @@
 #define MAX_SLOTS 256          /* histogram slots, see bits.bpf.h */
 #define SUB_BUCKET_BITS 3      /* 8 sub-buckets per power of two */
 #define NODE_HOST 0            /* node 0: this host, aggregates everything */
-#define MAX_PEERS_LIMIT 4094   /* hard ceiling for max_peers */
+#define MAX_PEERS_LIMIT 16384  /* hard ceiling for max_peers */
 #define PEER_NAME_LEN 60
 #define ADDR_LEN 16            /* IPv6, or IPv4 mapped as ::ffff:a.b.c.d */
 #define MAX_DROP_REASONS 1024  /* drop_reasons_map index: enum skb_drop_reason (core) */

@@ -211,7 +211,8 @@ def test_bpftool_dumps_btf_formatted_values(make_config: Any) -> None:
         cmd = ["bpftool", "map", "dump", "pinned", f"{cfg.pin_dir}/{name}"]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
 
-    out = dump("node_metrics_map")
+    assert '"rtt_count":' in dump("node_metrics_map")
+    out = dump("host_metrics_map")
     assert '"rtt_count":' in out and '"cpu":' in out
     assert '"slots": [' in dump("rtt_hist_map")
 

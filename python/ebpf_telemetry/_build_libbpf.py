@@ -181,6 +181,7 @@ int mount(const char *source, const char *target, const char *fstype, unsigned l
           const void *data);
 int ebt_fs_type(const char *path, unsigned long long *type);
 ring_buffer_sample_fn ebt_ringbuf_sample;
+int ebt_lookup_rows(int fd, const __u32 *keys, unsigned int n, void *out, unsigned int size);
 """
 
 C_SOURCE = """
@@ -242,6 +243,20 @@ static int ebt_fs_type(const char *path, unsigned long long *type)
     if (statfs(path, &s) != 0)
         return -errno;
     *type = (unsigned long long)(unsigned int)s.f_type;
+    return 0;
+}
+
+/* The values of n keys of a (non-per-CPU) map, one after the other into out
+ * (n x size bytes): the look-ups of the rows that moved, without a Python
+ * call per row. 0, or -errno of the first that failed. */
+static int ebt_lookup_rows(int fd, const __u32 *keys, unsigned int n, void *out,
+                           unsigned int size)
+{
+    unsigned int i;
+
+    for (i = 0; i < n; i++)
+        if (bpf_map_lookup_elem(fd, &keys[i], (char *)out + (size_t)i * size) != 0)
+            return -errno;
     return 0;
 }
 """

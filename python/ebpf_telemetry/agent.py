@@ -27,6 +27,7 @@ from ebpf_telemetry.config import Config
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import ReloadState, TelemetryCollector
 from ebpf_telemetry.naming import PeerTable
+from ebpf_telemetry.noderows import NodeReader
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
 log = structlog.get_logger("agent")
@@ -83,6 +84,7 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.pins = Pins(cfg.pin_dir)
+        self.reader: NodeReader | None = None  # the node rows' readings, from start()
         self.lock_fd = -1
         self.pins_ino: int | None = None
         self.writes = 0
@@ -114,6 +116,7 @@ class Agent:
         replaced = pincheck.replace_other_layouts(self.cfg.pin_dir, self.cfg.strict_pins)
         state = loader.attach(naming.effective(self.cfg, self.table), renew=bool(replaced))
         self.pins_ino = self._pins_ino()
+        self.reader = NodeReader(self.pins)
         self.collector.collectors = state
         self.collector.pins_replaced += len(replaced)
         log.info("collectors", **{r.collector: r.variant or "skipped" for r in state})
@@ -128,6 +131,9 @@ class Agent:
 
     def close(self) -> None:
         """The map fds, the source of names, the pin dir's lock (another agent may start)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         self.pins.close()
         if self.source is not None:
             self.source.close()
@@ -137,7 +143,7 @@ class Agent:
 
     def _loop(self, once: bool) -> int:
         self.start()
-        prev = take(self.pins)
+        prev = take(self.pins, self.reader)
         deadline = prev.monotonic + self.cfg.interval_seconds
         while True:
             self.signals.wait(deadline - time.monotonic())
@@ -176,7 +182,7 @@ class Agent:
             )
         t0 = time.perf_counter()
         self.follow_source()
-        cur = take(self.pins)
+        cur = take(self.pins, self.reader)
         effective = naming.effective(self.cfg, self.table)
         mixed = self.checker.check(self.pins, effective)
         if mixed:  # counts of two peers in one row: not exported, the ids retired

@@ -22,8 +22,12 @@ edge and above the highest stay exact in the first bucket and in +Inf.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from itertools import compress
+from typing import Any
+
+import numpy as np
 
 from ebpf_telemetry.binding import lib
 
@@ -149,3 +153,43 @@ def merge(rows: Iterable[Sequence[int]]) -> list[int]:
         for i, c in enumerate(row):
             out[i] += c
     return out
+
+
+def quantiles_rows(rows: Any, qs: Sequence[float], means: Any = None) -> Any:
+    """quantiles() of many histograms at once: rows (k x MAX_SLOTS counts),
+    means (k, NaN: none); a (k x len(qs)) float array, NaN where a row is
+    empty. The same estimate as quantiles(), in floating point throughout."""
+    counts = np.asarray(rows, dtype=np.float64)
+    k = len(counts)
+    out = np.full((k, len(qs)), np.nan)
+    if k == 0:
+        return out
+    lower, upper = _bounds(counts.shape[1])
+    total = counts.sum(axis=1)
+    cum = counts.cumsum(axis=1)
+    used = counts > 0
+    last = counts.shape[1] - 1 - np.argmax(used[:, ::-1], axis=1)
+    shift = np.zeros(k)
+    if means is not None:
+        implied = (counts @ (lower + upper - 1)) / np.where(total > 0, 2 * total, 1)
+        shift = np.where(np.isnan(means), 0.0, np.asarray(means, dtype=np.float64) - implied)
+    idx = np.arange(k)
+    for j, q in enumerate(qs):
+        rank = q * total
+        hit = used & (cum >= rank[:, None])
+        slot = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last)
+        c = counts[idx, slot]
+        acc = cum[idx, slot] - c
+        lo, hi = lower[slot], upper[slot]
+        est = lo + (hi - lo) * np.clip((rank - acc) / np.where(c > 0, c, 1), 0.0, 1.0)
+        if means is not None:
+            est = np.where(np.isnan(means), est, np.clip(est + shift, lo, hi))
+        out[:, j] = np.where(total > 0, est, np.nan)
+    return out
+
+
+@functools.cache
+def _bounds(slots: int) -> Any:
+    lower = np.array([slot_lower(s) for s in range(slots)], dtype=np.float64)
+    upper = np.array([slot_upper(s) for s in range(slots)], dtype=np.float64)
+    return lower, upper

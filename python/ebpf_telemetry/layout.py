@@ -19,6 +19,7 @@ MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LPM_TRIE = 1, 2, 5, 
 MAP_QUEUE, MAP_RINGBUF = 22, 27
 BTF_KIND_INT, BTF_KIND_STRUCT, BTF_KIND_TYPEDEF = 1, 4, 8
 BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 9, 10, 11
+BPF_F_MMAPABLE = 1 << 10  # uapi linux/bpf.h: an array userspace can mmap
 
 
 class LayoutError(TelemetryError):
@@ -31,6 +32,7 @@ class MapSpec:
     map_type: int
     key_size: int
     value: str | None  # cffi type of one value; structs are checked against BTF
+    flags: int = 0  # map_flags the map must have
 
 
 MAPS: dict[str, MapSpec] = {
@@ -38,7 +40,8 @@ MAPS: dict[str, MapSpec] = {
     for s in (
         MapSpec("rtt_hist_map", MAP_ARRAY, 4, "struct hist"),
         MapSpec("rtt_host_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
-        MapSpec("node_metrics_map", MAP_PERCPU_ARRAY, 4, "struct node_metrics"),
+        MapSpec("node_metrics_map", MAP_ARRAY, 4, "struct node_metrics", BPF_F_MMAPABLE),
+        MapSpec("host_metrics_map", MAP_PERCPU_ARRAY, 4, "struct node_metrics"),
         MapSpec("runqlat_hist_map", MAP_PERCPU_ARRAY, 4, "struct hist"),
         MapSpec("drop_reasons_map", MAP_PERCPU_ARRAY, 4, "__u64"),
         MapSpec("drop_subsys_map", MAP_PERCPU_HASH, 4, "__u64"),

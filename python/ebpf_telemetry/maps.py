@@ -7,8 +7,10 @@ pinned.py, which checks its layout first.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Self
 
+from ebpf_telemetry import noderows
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import STATS, Hist, NodeMetrics
@@ -76,16 +78,9 @@ class Pins:
         _, vals = m.array_rows(1)
         return Hist.from_percpu(vals, 0, m.ncpu)
 
-    def node_rows(self) -> tuple[dict[int, Hist], dict[int, NodeMetrics]]:
-        """Every node's RTT histogram and metrics: three batch look-ups (the
-        peers' shared histogram rows, the host's per-CPU one, the metrics)."""
-        hm, host, mm = self["rtt_hist_map"], self["rtt_host_hist_map"], self["node_metrics_map"]
-        n, hvals = hm.array_rows()
-        _, host_vals = host.array_rows(1)
-        k, mvals = mm.array_rows()
-        hists = {i: Hist.from_percpu(hvals, i, 1) for i in range(1, n)}
-        hists[0] = Hist.from_percpu(host_vals, 0, host.ncpu)
-        metrics = {i: NodeMetrics.from_percpu(mvals, i * mm.ncpu, mm.ncpu) for i in range(k)}
+    def node_rows(self) -> tuple[Mapping[int, Hist], Mapping[int, NodeMetrics]]:
+        """Every node's RTT histogram and metrics, node id -> value (noderows.first)."""
+        metrics, hists = noderows.first(self)
         return hists, metrics
 
     def add_expired(self, n: int) -> None:

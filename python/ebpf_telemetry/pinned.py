@@ -48,6 +48,11 @@ class PinnedMap:
                 f"expected type {s.map_type}, key {s.key_size} B, value {vsize} B "
                 "(pins of another version? `ebpf-telemetry unload` replaces them)"
             )
+        if i.map_flags & s.flags != s.flags:
+            raise LayoutError(
+                f"{self.path}: map flags {i.map_flags:#x}; expected {s.flags:#x} among them "
+                "(pins of another version? `ebpf-telemetry unload` replaces them)"
+            )
         if s.value:
             check_btf_layout(self.path, i, s.value)
 

@@ -1,18 +1,27 @@
 """One reading of every pinned map, and the window between two readings.
 
 Counters only grow in the kernel; "the last interval" is the difference of
-two snapshots taken by the agent, never a reset of the maps.
+two snapshots taken by the agent, never a reset of the maps. The per-node
+rows are arrays (noderows.py); the window's per-peer figures come as arrays
+too (rtt_counts, retransmits, rtt_quantiles_all), for ranking thousands of
+peers without a Python loop over them.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ebpf_telemetry import cputime, programs
+import numpy as np
+import numpy.typing as npt
+
+from ebpf_telemetry import cputime, noderows, programs
 from ebpf_telemetry.cputime import CpuTime
+from ebpf_telemetry.histogram import quantiles_rows
 from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.noderows import NodeReader
 from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.values import Hist, NodeMetrics
 
@@ -21,8 +30,8 @@ from ebpf_telemetry.values import Hist, NodeMetrics
 class Snapshot:
     monotonic: float
     wall: float
-    hists: dict[int, Hist]
-    metrics: dict[int, NodeMetrics]
+    hists: Mapping[int, Hist]  # noderows.HistRows when read from the maps
+    metrics: Mapping[int, NodeMetrics]  # noderows.MetricRows when read from the maps
     stats: dict[str, int]
     peers: dict[int, str]  # node id -> peer label (node 0 is not a peer)
     runqlat: Hist
@@ -39,9 +48,27 @@ class Snapshot:
     def node(self, node: int) -> NodeMetrics:
         return self.metrics.get(node) or NodeMetrics()
 
+    def metric_array(self) -> npt.NDArray[np.uint64]:
+        """Every node's struct node_metrics words, one row per node id."""
+        if isinstance(self.metrics, noderows.MetricRows):
+            return self.metrics.array
+        return _metric_array(self.metrics, max(self.metrics, default=0) + 1)
 
-def take(pins: Pins) -> Snapshot:
-    hists, metrics = pins.node_rows()
+
+def _metric_array(metrics: Mapping[int, NodeMetrics], nodes: int) -> npt.NDArray[np.uint64]:
+    out = np.zeros((nodes, noderows.WORDS), dtype=np.uint64)
+    for node, m in metrics.items():  # snapshots made by hand (tests): a few nodes
+        for name, w in noderows.WORD.items():
+            out[node, w] = getattr(m, name)
+    return out
+
+
+def take(pins: Pins, reader: NodeReader | None = None) -> Snapshot:
+    """Every map, now. With a reader (the agent's), only the histogram rows
+    that moved since its previous reading are read: then a Window is cheap
+    between consecutive readings of the reader, and a reading's rows of
+    other nodes stay readable until the reader reads those nodes again."""
+    metrics, hists = reader.take() if reader is not None else noderows.first(pins)
     settings = pins.settings()
     now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
     return Snapshot(
@@ -79,12 +106,36 @@ class Window:
         changed hands (an expired automatic peer's, reused) starts from 0."""
         return self.prev.peers.get(node) == self.cur.peers.get(node)
 
+    @functools.cached_property
+    def _follows(self) -> bool:
+        """cur is the reading right after prev by one NodeReader: the window's
+        histograms are the rows cur read, less their previous low words."""
+        cur = self.cur.hists
+        return isinstance(cur, noderows.HistRows) and cur.follows(self.prev.hists)
+
+    @functools.cached_property
+    def _added(self) -> npt.NDArray[np.uint64]:
+        assert isinstance(self.cur.hists, noderows.HistRows)
+        return self.cur.hists.added()
+
     def hist(self, node: int) -> Hist:
         h = self._hists.get(node)
         if h is None:
-            prev = self.prev.hist(node) if self._same_owner(node) else Hist.empty()
-            h = self._hists[node] = self.cur.hist(node).since(prev)
+            h = self._hists[node] = self._window_hist(node)
         return h
+
+    def _window_hist(self, node: int) -> Hist:
+        if not self._same_owner(node):
+            return self.cur.hist(node)
+        if node == HOST or not self._follows:
+            return self.cur.hist(node).since(self.prev.hist(node))
+        assert isinstance(self.cur.hists, noderows.HistRows)
+        i = self.cur.hists.position(node)
+        if i is None:  # not read: nothing moved
+            return Hist.empty()
+        if self.cur.node(node).rtt_count < self.prev.node(node).rtt_count:  # maps reset
+            return self.cur.hist(node)
+        return noderows._hist(self._added[i])
 
     def node(self, node: int) -> NodeMetrics:
         m = self._nodes.get(node)
@@ -92,6 +143,73 @@ class Window:
             prev = self.prev.node(node) if self._same_owner(node) else NodeMetrics()
             m = self._nodes[node] = self.cur.node(node).since(prev)
         return m
+
+    # -- every node at once (arrays indexed by node id) -------------------------
+    @functools.cached_property
+    def owner_changed(self) -> npt.NDArray[np.bool_]:
+        """Per node id: did it belong to another peer (or none) at prev?"""
+        cur = self.cur.metric_array()
+        out = np.zeros(len(cur), dtype=np.bool_)
+        a, b = self.prev.peers, self.cur.peers
+        if a != b:  # the table changed: look at the ids only then
+            for node in a.keys() | b.keys():
+                if node < len(out) and a.get(node) != b.get(node):
+                    out[node] = True
+        return out
+
+    @functools.cached_property
+    def deltas(self) -> npt.NDArray[np.uint64]:
+        """Per node id, struct node_metrics words added in this window (the
+        `latest` words as they stand at cur), as Window.node() computes them."""
+        cur = self.cur.metric_array()
+        prev = self.prev.metric_array()
+        if len(prev) != len(cur):  # another table size: all of cur
+            prev = np.zeros_like(cur)
+        counters = np.ones(noderows.WORDS, dtype=np.bool_)
+        counters[list(noderows.LATEST)] = False
+        whole = self.owner_changed | (cur[:, counters] < prev[:, counters]).any(axis=1)
+        out = cur - np.where(whole[:, None], 0, prev).astype(np.uint64)
+        out[:, ~counters] = cur[:, ~counters]
+        return out
+
+    def rtt_counts(self) -> npt.NDArray[np.uint64]:
+        """RTT samples in this window, per node id."""
+        return self.deltas[:, noderows.RTT_COUNT]
+
+    def retransmits(self) -> npt.NDArray[np.uint64]:
+        """Retransmitted segments in this window, per node id."""
+        return self.deltas[:, noderows.RETRANS]
+
+    def rtt_quantiles_all(
+        self, qs: Sequence[float]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """The window's RTT quantiles (microseconds) of every peer with RTT
+        samples in it: (node ids, one row of len(qs) per id), from the
+        window's histogram rows at once (the host is not among them)."""
+        counts = self.rtt_counts()
+        ids = np.flatnonzero(counts[1:]).astype(np.int64) + 1
+        rows = self._window_rows(ids)
+        d = self.deltas[ids]
+        means = d[:, noderows.RTT_SUM] / np.maximum(d[:, noderows.RTT_COUNT], 1)
+        return ids, quantiles_rows(rows, qs, means)
+
+    def _window_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+        cur = self.cur.hists
+        if not self._follows or not isinstance(cur, noderows.HistRows):
+            slots = [self.hist(int(i)).slots for i in ids]  # small tables, by hand
+            return np.array(slots, dtype=np.uint64).reshape(len(ids), -1)
+        pos = np.searchsorted(cur.ids, ids)
+        pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
+        found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
+        rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
+        rows[found] = self._added[pos[found]]
+        whole = self.owner_changed[ids] | (
+            self.cur.metric_array()[ids, noderows.RTT_COUNT]
+            < self.prev.metric_array()[ids, noderows.RTT_COUNT]
+        )
+        for j in np.flatnonzero(whole | ~found):  # ids reused or reset: rare
+            rows[j] = self.hist(int(ids[j])).slots
+        return rows
 
     @property
     def cpu_utilization(self) -> float | None:
@@ -108,11 +226,9 @@ class Window:
 
     def active(self) -> set[int]:
         """Nodes whose counters moved in this window."""
-        return {
-            i
-            for i in self.cur.metrics
-            if (m := self.node(i)).rtt_count or m.retrans_count or m.drop_count
-        }
+        d = self.deltas
+        moved = (d[:, [noderows.RTT_COUNT, noderows.RETRANS, noderows.DROPS]] != 0).any(axis=1)
+        return set(np.flatnonzero(moved).tolist())
 
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
         return self.rtt_quantiles_us(node, (q,))[0]

@@ -1,0 +1,207 @@
+"""3d. The agent's cycle at 1,024 / 4,096 / 16,384 peers, each count in a
+process of its own (its RSS and CPU are the cycle's): every id an automatic
+peer with an address (as the kernel writes them) and RTT history in its rows;
+before each cycle (untimed) a sixteenth of the peers get new RTT samples and
+some retransmits, written into their rows as the programs would.
+
+Timed, as Agent.cycle runs them: read (take with the agent's NodeReader),
+table (the peer table's check and expiry step), rank (every peer's window
+count, retransmits and p99 from the window's arrays; the worst first), export
+(the collector's families for the worst EXPORTED peers: a stand-in for the
+series budget of issue 17, which decides what is exported), format and write.
+
+    bigtable.py N CYCLES   (the child: prints one JSON line)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import probes
+import tablecheck
+from prometheus_client import CollectorRegistry, generate_latest
+
+from ebpf_telemetry import exporter, loader, noderows, peertable
+from ebpf_telemetry.binding import ffi
+from ebpf_telemetry.config import Config
+from ebpf_telemetry.histogram import MAX_SLOTS
+from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.metrics import TelemetryCollector
+from ebpf_telemetry.snapshot import Snapshot, Window, take
+
+EXPORTED = 300  # peers whose detail the stand-in exports
+MOVING = 16  # one peer in MOVING gets samples before each cycle
+INTERVAL = 5.0  # the default interval: CPU share = CPU per cycle / INTERVAL
+PARTS = ("read", "table", "rank", "export", "format", "write")
+
+
+@dataclass(frozen=True)
+class BigCycle:
+    peers: int
+    moving: int
+    median_ms: float
+    p95_ms: float
+    parts_ms: dict[str, float]  # medians
+    cpu_pct: float  # CPU per cycle over a 5 s interval, % of one core
+    rss_mb: float  # the process's peak (VmHWM)
+    textfile_bytes: int
+
+
+def _rows(pins: Pins, ids: np.ndarray, hists: np.ndarray, metrics: np.ndarray) -> None:
+    """Write rows as the programs' adds leave them (userspace update, per id)."""
+    hm, mm = pins["rtt_hist_map"], pins["node_metrics_map"]
+    hists, metrics = np.ascontiguousarray(hists), np.ascontiguousarray(metrics)
+    key = ffi.new("__u32 *")
+    for j, i in enumerate(ids.tolist()):
+        key[0] = i
+        hm.update(key, ffi.from_buffer(hists[j]))
+        mm.update(key, ffi.from_buffer(metrics[j]))
+
+
+def _samples(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    """k rows of n RTT samples each, around 100..2000 us (slots 80..120)."""
+    rows = np.zeros((k, MAX_SLOTS), dtype=np.uint64)
+    centre = rng.integers(80, 110, size=k)
+    for s in range(-4, 5):
+        rows[np.arange(k), np.clip(centre + s, 0, MAX_SLOTS - 1)] += np.uint64(n // 9)
+    return rows
+
+
+class Load:
+    """The peers' rows: written once, then a sixteenth of them moved before
+    each cycle (read, added to, written back: no copy of every row is kept
+    here, so the process's RSS is the agent's)."""
+
+    CHUNK = 1024
+
+    def __init__(self, pins: Pins, n: int) -> None:
+        self.pins, self.n = pins, n
+        self.rng = np.random.default_rng(n)
+        self.metrics = np.zeros((n + 1, noderows.WORDS), dtype=np.uint64)
+        for a in range(1, n + 1, self.CHUNK):
+            ids = np.arange(a, min(a + self.CHUNK, n + 1), dtype=np.int64)
+            self._write(ids, _samples(self.rng, len(ids), 90))
+
+    def _write(self, ids: np.ndarray, hists: np.ndarray) -> None:
+        self.metrics[ids, noderows.RTT_COUNT] = hists.sum(axis=1)
+        self.metrics[ids, noderows.RTT_SUM] = self.metrics[ids, noderows.RTT_COUNT] * 500
+        _rows(self.pins, ids, hists, self.metrics[ids])
+
+    def move(self) -> None:
+        k = max(self.n // MOVING, 1)
+        ids = np.sort(self.rng.choice(self.n, size=k, replace=False) + 1).astype(np.int64)
+        hists = noderows.lookup_rows(self.pins["rtt_hist_map"], ids)
+        hists += _samples(self.rng, k, 18)
+        self.metrics[ids[: max(k // 20, 1)], noderows.RETRANS] += np.uint64(3)
+        self._write(ids, hists)
+
+
+def _timed_cycle(
+    pins: Pins,
+    reader: noderows.NodeReader,
+    cfg: Config,
+    checker: peertable.Checker,
+    collector: TelemetryCollector,
+    prev: Snapshot,
+    path: str,
+) -> tuple[dict[str, float], Snapshot, int]:
+    t = [time.perf_counter()]
+    cur = take(pins, reader)
+    t.append(time.perf_counter())
+    checker.check(pins, cfg)
+    w = Window(prev, cur)
+    peertable.expire(pins, cfg, w.active(), cur.seen, peertable.now_ns())
+    t.append(time.perf_counter())
+    ids, q = w.rtt_quantiles_all((0.99,))
+    retrans = w.retransmits()[ids]
+    worst = ids[np.lexsort((-q[:, 0], -retrans.astype(np.float64)))[:EXPORTED]]
+    t.append(time.perf_counter())
+    shown = {i: cur.peers[i] for i in worst.tolist() if i in cur.peers}
+    collector.update(Window(replace(prev, peers=shown), replace(cur, peers=shown)), 0.0)
+    families = list(collector.collect())
+    t.append(time.perf_counter())
+    text = generate_latest(_Fixed(families))
+    t.append(time.perf_counter())
+    exporter.write_atomic(path, text)
+    t.append(time.perf_counter())
+    parts = {p: (b - a) * 1e3 for p, a, b in zip(PARTS, t, t[1:], strict=True)}
+    return parts, cur, len(text)
+
+
+class _Fixed(CollectorRegistry):
+    def __init__(self, families: list[Any]) -> None:
+        super().__init__(auto_describe=False)
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
+
+
+def child(n: int, cycles: int) -> BigCycle:
+    cfg = Config(pin_dir=probes.pin_dir(f"big{n}"), textfile="/dev/null", max_peers=n)
+    cfg = replace(cfg, node_name="bench", peer_idle_seconds=3600)
+    loader.attach(cfg)
+    try:
+        with Pins(cfg.pin_dir) as pins, tempfile.TemporaryDirectory() as tmp:
+            tablecheck._fill(pins, n)
+            load = Load(pins, n)
+            reader = noderows.NodeReader(pins)
+            checker = peertable.Checker()
+            collector = TelemetryCollector(cfg)
+            path = os.path.join(tmp, "ebpf_telemetry.prom")
+            prev = take(pins, reader)
+            checker.check(pins, cfg)  # the first check drains and refills the pool
+            times, cpu, size = [], [], 0
+            for _ in range(cycles):
+                load.move()
+                c0 = time.process_time()
+                parts, prev, size = _timed_cycle(pins, reader, cfg, checker, collector, prev, path)
+                cpu.append(time.process_time() - c0)
+                times.append(parts)
+            reader.close()
+    finally:
+        loader.unload(cfg.pin_dir)
+    totals = sorted(sum(p.values()) for p in times)
+    with open("/proc/self/status") as f:
+        hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+    return BigCycle(
+        n,
+        max(n // MOVING, 1),
+        statistics.median(totals),
+        totals[min(int(len(totals) * 0.95), len(totals) - 1)],
+        {p: statistics.median(x[p] for x in times) for p in PARTS},
+        100 * statistics.median(cpu) / INTERVAL,
+        hwm / 1024,
+        size,
+    )
+
+
+def measure(counts: tuple[int, ...], cycles: int) -> list[BigCycle]:
+    out = []
+    for n in counts:
+        r = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), str(n), str(cycles)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out.append(BigCycle(**json.loads(r.stdout.strip().splitlines()[-1])))
+    return out
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    print(json.dumps(asdict(child(int(sys.argv[1]), int(sys.argv[2])))))

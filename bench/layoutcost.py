@@ -1,0 +1,72 @@
+"""1b. What the peer rows' layout costs per event: tcp_probe of this build
+(peer counters in rows all CPUs share: three atomic adds per sample) beside
+tcp_probe of the build before the change (per-CPU counter rows: plain adds),
+both attached at once under one ping-pong, so both see the same events. Run
+twice, the attach order swapped: the second program on a hook runs with the
+first one's cache lines warm."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import probes
+import workload
+from bpfstats import prog_stats, stats_enabled
+
+CHANGE = "host_metrics_map"  # the change: the first commit whose maps.bpf.h names it
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    layout: str  # "shared rows" (this build) or "per-CPU rows" (before)
+    order: int  # 1: attached first, 2: second
+    ns: float | None
+    events: int
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", probes.ROOT, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@contextmanager
+def previous_object() -> Iterator[str]:
+    """The BPF object of the commit before the layout change, compiled now."""
+    first = _git("log", "--format=%H", "--reverse", "-S", CHANGE, "--", "bpf/maps.bpf.h")
+    rev = first.splitlines()[0] + "^"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "bpf")
+        os.mkdir(src)
+        for name in _git("ls-tree", "--name-only", rev, "bpf/").splitlines():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(_git("show", f"{rev}:{name}") + "\n")
+        yield probes.compile_bpf(
+            os.path.join(src, "telemetry.bpf.c"), os.path.join(tmp, "previous.bpf.o")
+        )
+
+
+def measure(seconds: float) -> list[LayoutCost]:
+    out: list[LayoutCost] = []
+    with previous_object() as old, workload.sockperf_server() as port:
+        for order in (("shared rows", "per-CPU rows"), ("per-CPU rows", "shared rows")):
+            with ExitStack() as stack:
+                ids = {}
+                for i, layout in enumerate(order):
+                    obj = old if layout == "per-CPU rows" else None
+                    t = stack.enter_context(probes.telemetry(f"layout{i}", 100, obj))
+                    ids[layout] = t.prog_ids()["tcp_probe"]
+                with stats_enabled():
+                    before = {k: prog_stats(v) for k, v in ids.items()}
+                    workload.ping_pong(port, seconds)
+                    after = {k: prog_stats(v).since(before[k]) for k, v in ids.items()}
+            for i, layout in enumerate(order):
+                out.append(
+                    LayoutCost(layout, i + 1, after[layout].ns_per_event, after[layout].run_cnt)
+                )
+    return out

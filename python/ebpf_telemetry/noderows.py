@@ -1,0 +1,273 @@
+"""Every node's counters and RTT histogram as arrays, read without a Python
+loop over the peers (16,384 of them at most).
+
+- node_metrics_map (one row per peer, shared by all CPUs, BPF_F_MMAPABLE) is
+  read in place through mmap; the host's row (node 0) from host_metrics_map,
+  summed over CPUs.
+- rtt_hist_map rows (2 KiB each) are read only for the nodes whose RTT
+  counters moved: every node with samples for a first reading (`first`), the
+  nodes that moved since the reader's previous reading after that (the
+  agent's cycle, NodeReader.take).
+
+A NodeReader keeps the low 32 bits of every histogram row it read (4 bytes
+a slot, 16 MiB at 16,384 peers with samples): the window's histogram of a
+node is the difference modulo 2^32 (exact below 2^32 samples in one slot in
+one interval), and a node's row at the reader's last reading is its row now
+less what was added since (the same difference), read for that node only.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
+from ebpf_telemetry.histogram import MAX_SLOTS
+from ebpf_telemetry.pinned import PinnedMap
+from ebpf_telemetry.values import Hist, NodeMetrics
+
+U64Array = npt.NDArray[np.uint64]
+IdArray = npt.NDArray[np.int64]
+
+WORDS = ffi.sizeof("struct node_metrics") // 8  # every field is one __u64 word
+WORD: dict[str, int] = {
+    name: ffi.offsetof("struct node_metrics", name) // 8
+    for name, _ in ffi.typeof("struct node_metrics").fields
+}
+RTT_SUM, RTT_COUNT, RETRANS, DROPS = (
+    WORD[n] for n in ("rtt_sum", "rtt_count", "retrans_count", "drop_count")
+)
+LATEST = tuple(WORD[n] for n in NodeMetrics.LATEST)  # not counters: as they stand
+HIST_BYTES = ffi.sizeof("struct hist")
+
+
+class SupersededError(TelemetryError):
+    """A reading asked for a row that a later reading of its reader replaced."""
+
+
+def metrics_of(row: Any) -> NodeMetrics:
+    """One struct node_metrics row (an array of WORDS words) as NodeMetrics."""
+    if not row.any():
+        return NodeMetrics()
+    return NodeMetrics(**{name: int(row[w]) for name, w in WORD.items()})
+
+
+@dataclass(frozen=True, eq=False)
+class MetricRows(Mapping[int, NodeMetrics]):
+    """node id -> NodeMetrics, backed by one (nodes x WORDS) array (row 0: the host)."""
+
+    array: U64Array
+
+    def __getitem__(self, node: int) -> NodeMetrics:
+        if not 0 <= node < len(self.array):
+            raise KeyError(node)
+        return metrics_of(self.array[node])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.array)))
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
+@dataclass(frozen=True, eq=False)
+class HistRows(Mapping[int, Hist]):
+    """node id -> RTT histogram of one reading: the host's, the rows read
+    (`ids`, sorted, and `rows`), and for a reader's later readings the rows
+    not read, which are those of the reader's previous reading (`before`:
+    the low words of the rows read, as they were then)."""
+
+    nodes: int
+    host: Hist
+    ids: IdArray
+    rows: U64Array
+    seq: int = 0  # the reader's reading number; 0: not a reader's
+    base: int = 0  # the reading the unread rows are those of; 0: they are empty
+    before: npt.NDArray[np.uint32] | None = None
+    reader: NodeReader | None = field(default=None, repr=False)
+
+    def position(self, node: int) -> int | None:
+        """Where node's row is in `rows`, if it was read."""
+        i = int(np.searchsorted(self.ids, node))
+        return i if i < len(self.ids) and self.ids[i] == node else None
+
+    def __getitem__(self, node: int) -> Hist:
+        if not 0 <= node < self.nodes:
+            raise KeyError(node)
+        if node == 0:
+            return self.host
+        i = self.position(node)
+        if i is not None:
+            return _hist(self.rows[i])
+        if self.base == 0 or self.reader is None:
+            return Hist.empty()
+        return _hist(self.reader.row_at(node, self.seq))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.nodes))
+
+    def __len__(self) -> int:
+        return self.nodes
+
+    def follows(self, prev: Mapping[int, Hist]) -> bool:
+        """Is this the reading right after prev, by the same reader?"""
+        return (
+            isinstance(prev, HistRows)
+            and self.reader is not None
+            and prev.reader is self.reader
+            and self.base == prev.seq
+            and self.before is not None
+        )
+
+    def added(self) -> U64Array:
+        """Per row read, what was added since the previous reading (follows())."""
+        assert self.before is not None
+        low = self.rows.astype(np.uint32) - self.before  # modulo 2^32
+        return low.astype(np.uint64)
+
+
+def _hist(row: Any) -> Hist:
+    return Hist(tuple(row.tolist())) if row.any() else Hist.empty()
+
+
+def lookup_rows(m: PinnedMap, ids: IdArray) -> U64Array:
+    """The rows of ids of a (non-per-CPU) array of struct hist: one C loop of look-ups."""
+    out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint64)
+    if len(ids):
+        keys = np.ascontiguousarray(ids, dtype=np.uint32)
+        err = lib.ebt_lookup_rows(
+            m.fd,
+            ffi.cast("__u32 *", ffi.from_buffer(keys)),
+            len(keys),
+            ffi.from_buffer(out),
+            HIST_BYTES,
+        )
+        if err < 0:
+            raise BpfError(f"look-up in {m.path}", err)
+    return out
+
+
+class MetricsView:
+    """node_metrics_map in place (mmap, read-only) and the host's per-CPU row."""
+
+    TRIES = 5  # readings of the host's row around the copy, until no sample fell between
+
+    def __init__(self, shared: PinnedMap, host: PinnedMap) -> None:
+        self.nodes, self.host = shared.max_entries, host
+        size = self.nodes * WORDS * 8
+        try:
+            self.mm = mmap.mmap(
+                shared.fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, prot=mmap.PROT_READ
+            )
+        except OSError as e:
+            raise BpfError(f"mmap of {shared.path}", e.errno or 22) from None
+        self.words = np.frombuffer(self.mm, dtype=np.uint64, count=self.nodes * WORDS)
+        self.key = ffi.new("__u32 *", 0)
+        self.cpus = np.zeros((host.ncpu, WORDS), dtype=np.uint64)
+        self.cpus_ptr = ffi.from_buffer(self.cpus)
+
+    def _host_cpus(self) -> U64Array:
+        if lib.bpf_map_lookup_elem(self.host.fd, self.key, self.cpus_ptr) < 0:
+            raise BpfError(f"look-up in {self.host.path}", ffi.errno)
+        return self.cpus.copy()
+
+    def read(self) -> U64Array:
+        """A copy of every row; row 0: the host's, summed over CPUs. The
+        host's row is read just before the copy and again after it: a sample
+        between the two would be in a peer's row and not in the host's, so
+        then again (host = the sum of its peers, on a busy host too)."""
+        for _ in range(self.TRIES):
+            cpus = self._host_cpus()
+            out = self.words.reshape(self.nodes, WORDS).copy()
+            again = self._host_cpus()
+            if (again[:, [RTT_COUNT, RETRANS]] == cpus[:, [RTT_COUNT, RETRANS]]).all():
+                break
+        host = cpus.sum(axis=0, dtype=np.uint64)
+        host[WORD["timestamp"]] = cpus[:, WORD["timestamp"]].max()
+        host[WORD["cpu_util"]] //= max(self.host.ncpu, 1)
+        out[0] = host
+        return out
+
+    def close(self) -> None:
+        del self.words
+        self.mm.close()
+
+
+def host_hist(m: PinnedMap) -> Hist:
+    _, vals = m.array_rows(1)
+    return Hist.from_percpu(vals, 0, m.ncpu)
+
+
+def moved(metrics: U64Array, last: U64Array | None) -> IdArray:
+    """Peers (not node 0) whose RTT counters differ from last (None: that have any)."""
+    if last is None:
+        mask = metrics[:, RTT_COUNT] != 0
+    else:
+        mask = (metrics[:, RTT_COUNT] != last[:, RTT_COUNT]) | (
+            metrics[:, RTT_SUM] != last[:, RTT_SUM]
+        )
+    mask[0] = False
+    return np.flatnonzero(mask).astype(np.int64)
+
+
+def first(pins: Any) -> tuple[MetricRows, HistRows]:
+    """One reading that owes nothing to another: every node's counters, the
+    histogram rows of every node with RTT samples."""
+    view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
+    try:
+        metrics = view.read()
+    finally:
+        view.close()
+    ids = moved(metrics, None)
+    rows = lookup_rows(pins["rtt_hist_map"], ids)
+    host = host_hist(pins["rtt_host_hist_map"])
+    return MetricRows(metrics), HistRows(len(metrics), host, ids, rows)
+
+
+class NodeReader:
+    """Readings of one pin dir's node rows, each reading only the histogram
+    rows that moved since the one before (the agent keeps one for its life)."""
+
+    def __init__(self, pins: Any) -> None:
+        self.pins = pins
+        self.view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
+        n = self.view.nodes
+        self.seq = 0
+        self.last: U64Array | None = None
+        self.low = np.zeros((n, MAX_SLOTS), dtype=np.uint32)  # pages touched when written
+        self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
+
+    def take(self) -> tuple[MetricRows, HistRows]:
+        metrics = self.view.read()
+        ids = moved(metrics, self.last)
+        rows = lookup_rows(self.pins["rtt_hist_map"], ids)
+        base, self.seq = self.seq, self.seq + 1
+        before = self.low[ids] if base else None
+        self.low[ids] = rows.astype(np.uint32)
+        self.read_at[ids] = self.seq
+        self.last = metrics
+        host = host_hist(self.pins["rtt_host_hist_map"])
+        return MetricRows(metrics), HistRows(
+            len(metrics), host, ids, rows, self.seq, base, before, self
+        )
+
+    def row_at(self, node: int, seq: int) -> U64Array:
+        """node's row as it was at reading seq (which did not read it): now,
+        less what was added since (whose low words differ from ours)."""
+        if self.read_at[node] > seq:
+            raise SupersededError(
+                f"node {node}: its row was read again after reading {seq}; "
+                "keep the readings of one NodeReader in order"
+            )
+        now = lookup_rows(self.pins["rtt_hist_map"], np.array([node], dtype=np.int64))[0]
+        since = (now.astype(np.uint32) - self.low[node]).astype(np.uint64)
+        out: U64Array = now - since
+        return out
+
+    def close(self) -> None:
+        self.view.close()

@@ -1,0 +1,225 @@
+"""16,384 peers: the node rows' layout, reading them as arrays (noderows.py),
+the window's per-node arrays, and a real load of the largest table.
+
+The kernel test loads max_peers = MAX_PEERS_LIMIT into its own pin dir,
+sends real TCP between namespaces it makes to the peer with the highest id,
+and checks every RTT sample (the events at sample_rate 1) against the rows
+read back. The other tests need no kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentlab import EventDrain, attach, peer_id
+from ebpf_telemetry import config, layout, noderows
+from ebpf_telemetry.binding import ffi, lib
+from ebpf_telemetry.histogram import MAX_SLOTS, quantiles, quantiles_rows, value_to_slot
+from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
+from ebpf_telemetry.values import Hist, NodeMetrics
+from netlab import Netns, TcpEchoServer, tcp_pingpong, veth_pair, wait_until
+
+MAX = lib.MAX_PEERS_LIMIT
+MIB = 1 << 20
+
+
+# -- layout and kernel memory, from the maps' definitions --------------------------
+
+
+def node_map_bytes(max_peers: int, ncpu: int) -> dict[str, int]:
+    """Kernel memory of the maps indexed by node id, from their layout (value
+    size, per-CPU or not) at max_peers + 2 rows; the host's per-CPU rows."""
+    out = {}
+    for name in ("rtt_hist_map", "node_metrics_map", "host_metrics_map", "rtt_host_hist_map"):
+        spec = layout.MAPS[name]
+        assert spec.value is not None
+        rows = max_peers + 2 if name in layout.NODE_MAPS else 1
+        per_cpu = spec.map_type == layout.MAP_PERCPU_ARRAY
+        out[name] = rows * ffi.sizeof(spec.value) * (ncpu if per_cpu else 1)
+    return out
+
+
+def test_max_peers_limit_is_16384_and_validated() -> None:
+    assert MAX == 16384
+    assert config.from_mapping({"max_peers": MAX}, "t").max_peers == MAX
+    with pytest.raises(config.ConfigError, match=f"max_peers must be 1..{MAX}"):
+        config.from_mapping({"max_peers": MAX + 1}, "t")
+
+
+def test_peer_rows_are_shared_and_the_hosts_per_cpu() -> None:
+    """At 16,384 peers and 256 CPUs no node-indexed map grows with CPUs x
+    peers: per-peer rows are shared (atomic adds), node 0's are per-CPU."""
+    for name in ("rtt_hist_map", "node_metrics_map"):
+        assert layout.MAPS[name].map_type == layout.MAP_ARRAY
+        assert name in layout.NODE_MAPS
+    assert layout.MAPS["node_metrics_map"].flags & layout.BPF_F_MMAPABLE
+    for name in ("rtt_host_hist_map", "host_metrics_map"):
+        assert layout.MAPS[name].map_type == layout.MAP_PERCPU_ARRAY
+        assert name not in layout.NODE_MAPS
+    at256 = node_map_bytes(MAX, 256)
+    # what the per-CPU layout of node_metrics_map would have cost
+    percpu = (MAX + 2) * ffi.sizeof("struct node_metrics") * 256
+    assert percpu > 256 * MIB > 2 * MIB > at256["node_metrics_map"]
+    # with the 16 MiB ring buffer and the rest (bench part 3 sums every map)
+    assert sum(at256.values()) + (1 << 24) <= 56 * MIB, at256
+
+
+def test_metric_words_follow_the_struct() -> None:
+    assert ffi.sizeof("struct node_metrics") == noderows.WORDS * 8
+    for name, w in noderows.WORD.items():
+        assert ffi.offsetof("struct node_metrics", name) == 8 * w
+    row = np.zeros(noderows.WORDS, dtype=np.uint64)
+    row[noderows.WORD["rtt_count"]], row[noderows.WORD["retrans_count"]] = 7, 3
+    assert noderows.metrics_of(row) == NodeMetrics(rtt_count=7, retrans_count=3)
+
+
+# -- quantiles of many rows at once -------------------------------------------------
+
+rows_st = st.lists(
+    st.dictionaries(st.integers(0, MAX_SLOTS - 1), st.integers(1, 10**6), max_size=12),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows_st, st.booleans())
+def test_quantiles_rows_equal_the_scalar_quantiles(rows: list[dict[int, int]], mean: bool) -> None:
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    dense = np.zeros((len(rows), MAX_SLOTS), dtype=np.uint64)
+    for i, r in enumerate(rows):
+        for s, c in r.items():
+            dense[i, s] = c
+    means = [
+        (sum(c * (1 << min(s // 8, 40)) for s, c in r.items()) / sum(r.values()))
+        if mean and r
+        else None
+        for r in rows
+    ]
+    got = quantiles_rows(dense, qs, np.array([np.nan if m is None else m for m in means]))
+    for i in range(len(rows)):
+        want = quantiles(dense[i].tolist(), qs, means[i])
+        for g, w in zip(got[i], want, strict=True):
+            if w is None:
+                assert np.isnan(g)
+            else:
+                assert g == pytest.approx(w, rel=1e-9, abs=1e-6)
+
+
+# -- windows over hand-made snapshots (as the budget's tests make them) --------------
+
+
+def snapshot(metrics: dict[int, NodeMetrics], hists: dict[int, Hist], peers: dict[int, str]) -> Any:
+    from ebpf_telemetry.cputime import CpuTime
+
+    return Snapshot(
+        monotonic=0.0, wall=0.0, hists=hists, metrics=metrics, stats={}, peers=peers,
+        runqlat=Hist.empty(), drops={}, cpu=CpuTime(), misses={}, seen={},
+        boottime_ns=0, max_peers=4,
+    )  # fmt: skip
+
+
+def hist(slots: dict[int, int]) -> Hist:
+    out = [0] * MAX_SLOTS
+    for s, c in slots.items():
+        out[s] = c
+    return Hist(tuple(out))
+
+
+def test_window_arrays_agree_with_the_per_node_accessors() -> None:
+    peers = {1: "a", 2: "b", 3: "c"}
+    m0 = {1: NodeMetrics(rtt_sum=100, rtt_count=2), 2: NodeMetrics(rtt_count=5, retrans_count=1),
+          3: NodeMetrics(rtt_sum=10, rtt_count=1)}  # fmt: skip
+    h0 = {1: hist({40: 2}), 2: hist({50: 5}), 3: hist({10: 1})}
+    m1 = {1: NodeMetrics(rtt_sum=400, rtt_count=6), 2: NodeMetrics(rtt_count=5, retrans_count=4),
+          3: NodeMetrics(rtt_sum=30, rtt_count=2)}  # fmt: skip
+    h1 = {1: hist({40: 3, 60: 3}), 2: hist({50: 5}), 3: hist({10: 1, 12: 1})}
+    prev = snapshot(m0, h0, peers)
+    cur = snapshot(m1, h1, {**peers, 3: "c2"})  # id 3 changed hands: all of cur
+    w = Window(prev, cur)
+    assert w.rtt_counts().tolist() == [w.node(i).rtt_count for i in range(4)] == [0, 4, 0, 2]
+    assert w.retransmits().tolist()[1:] == [0, 3, 0]
+    assert w.active() == {1, 2, 3}
+    ids, q = w.rtt_quantiles_all((0.5, 0.99))
+    assert ids.tolist() == [1, 3]
+    for i, row in zip(ids.tolist(), q, strict=True):
+        assert row.tolist() == pytest.approx(w.rtt_quantiles_us(i, (0.5, 0.99)))
+
+
+# -- the largest table on the real kernel ---------------------------------------------
+
+
+@pytest.fixture
+def lab() -> Iterator[tuple[Netns, Netns, Any]]:
+    with Netns("a") as a, Netns("b") as b:
+        yield a, b, veth_pair(a, b)
+
+
+def fillers(n: int) -> dict[str, list[str]]:
+    """n named peers of one address each in 198.18.0.0/15 (no traffic)."""
+    base = int(ipaddress.IPv4Address("198.18.0.0"))
+    return {f"f{i:05d}": [f"{ipaddress.IPv4Address(base + i)}/32"] for i in range(n)}
+
+
+def test_16384_peers_load_and_read_back_exactly(make_config: Any, lab: Any) -> None:
+    """max_peers 16,384: the peer with the highest id gets real round trips;
+    its rows, read by a first reading and by a reader's next, hold exactly
+    the samples the events carried (every one at sample_rate 1), at id 16,384."""
+    a, b, veth = lab
+    peers = {**fillers(MAX - 1), "zz-b": [f"{veth.v4_b}/32"]}
+    cfg = make_config(max_peers=MAX, sample_rate=1, peers=peers)
+    with attach(cfg) as pins:
+        reader = noderows.NodeReader(pins)
+        try:
+            s0 = take(pins, reader)
+            node = peer_id(s0, "zz-b")
+            assert node == MAX and len(s0.metrics) == MAX + 2
+            with EventDrain(pins.pin_dir) as drain:
+                with TcpEchoServer(b, veth.v4_b) as srv:
+                    tcp_pingpong(a, veth.v4_b, srv.port, 60)
+                s1 = take(pins, reader)
+                count = s1.node(node).rtt_count
+                wait_until(lambda: sum(e.node_id == node for e in drain.events) >= count, 5)
+            full = take(pins)
+        finally:
+            reader.close()
+        assert pins.stats()["events_lost"] == 0
+    values = [e.value for e in drain.events if e.node_id == node and e.event_type == 1]
+    assert len(values) == count >= 60
+    want = Counter(value_to_slot(v) for v in values)
+    slots = {s: c for s, c in enumerate(full.hist(node).slots) if c}
+    assert slots == dict(want)
+    assert full.node(node) == replace(s1.node(node), timestamp=full.node(node).timestamp)
+    assert full.node(node).rtt_sum == sum(values)
+    w = Window(s0, s1)
+    assert w.hist(node) == full.hist(node) == s1.hist(node)  # the peer had nothing before
+    assert w.rtt_counts()[node] == count and int(w.rtt_counts()[1:MAX].sum()) == 0
+    ids, q = w.rtt_quantiles_all((0.5, 0.99))
+    assert ids.tolist() == [node]
+    assert q[0].tolist() == pytest.approx(w.rtt_quantiles_us(node, (0.5, 0.99)))
+    assert w.node(HOST).rtt_count >= count  # the host counts every peer's samples
+
+
+def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
+    """A reader's differences modulo 2^32 against the exact differences: rows
+    near and past 2^32 in a slot, random moves, some ids not moving."""
+    rng = random.Random(7)
+    rows = np.zeros((6, MAX_SLOTS), dtype=np.uint64)
+    rows[:, 100] = (1 << 32) - 3
+    before = rows.astype(np.uint32)
+    after = rows.copy()
+    for i in range(6):
+        after[i, rng.randrange(MAX_SLOTS)] += rng.randrange(1, 10)
+    after[:, 100] += 5  # past 2^32
+    h = noderows.HistRows(7, Hist.empty(), np.arange(1, 7, dtype=np.int64), after, 2, 1, before)
+    assert (h.added() == after - rows).all()
