@@ -416,6 +416,7 @@ class FleetResult:
     head_series: float
     prometheus_rss_mb: float
     rule_eval_ms: dict[str, float]  # rule group -> last duration
+    slowest_rules_ms: dict[str, float]  # the 3 slowest rules -> last duration
     zone_source: str  # what the zone-pair p99 was read from
     zone_pairs: int
     zone_p99_err_max_pct: float | None
@@ -507,9 +508,9 @@ def check_copy(nodes: Sequence[Node], cfg: Config, targets: Targets, rounds: int
     return stable(text) == stable(targets.texts[node.index])
 
 
-def wait_rules(prom: Prometheus, after: float) -> dict[str, float]:
+def wait_rules(prom: Prometheus, after: float) -> tuple[dict[str, float], dict[str, float]]:
     """Wait until every rule group evaluated after `after` (Unix time); the
-    groups' last evaluation durations, ms."""
+    groups' last evaluation durations, and the slowest 3 rules', ms."""
 
     def groups() -> list[dict[str, Any]]:
         g: list[dict[str, Any]] = prom.api("rules")["data"]["groups"]
@@ -525,7 +526,14 @@ def wait_rules(prom: Prometheus, after: float) -> dict[str, float]:
         return True
 
     poll(evaluated, 300, "a rule evaluation after the last scrape", interval=0.5)
-    return {g["name"]: 1000 * float(g.get("evaluationTime", 0.0)) for g in groups()}
+    done = groups()
+    rules = {
+        str(r.get("name")): 1000 * float(r.get("evaluationTime", 0.0))
+        for g in done
+        for r in g.get("rules", [])
+    }
+    slowest = dict(sorted(rules.items(), key=lambda kv: -kv[1])[:3])
+    return {g["name"]: 1000 * float(g.get("evaluationTime", 0.0)) for g in done}, slowest
 
 
 def _rfc3339(s: str) -> float:
@@ -596,7 +604,7 @@ def run_fleet(
     try:
         with FleetPrometheus(server.server_address[1], nodes, f"{scrape_interval:g}s") as prom:
             render_ms = run_rounds(renderer, nodes, len(cfgs), targets, rounds)
-            rule_ms = wait_rules(prom, time.time())
+            rule_ms, slowest = wait_rules(prom, time.time())
             result = measure(prom, nodes, targets, render_ms, rule_ms)
             same = check_copy(nodes, cfgs[-1], targets, rounds)
     finally:
@@ -609,6 +617,7 @@ def run_fleet(
         max_series=max_series,
         rtt_buckets=rtt_buckets,
         rounds=rounds,
+        slowest_rules_ms=slowest,
         collectors=len(cfgs),
         scrapes_failed=targets.failed,
         copies_equal=same,
@@ -658,6 +667,7 @@ def measure(
         head_series=one("prometheus_tsdb_head_series"),
         prometheus_rss_mb=one("process_resident_memory_bytes") / 2**20,
         rule_eval_ms=rule_ms,
+        slowest_rules_ms={},
         zone_source=source,
         zone_pairs=len(errs),
         zone_p99_err_max_pct=max(errs) if errs else None,
@@ -735,6 +745,11 @@ def add_to_report(r: Report, results: Sequence[FleetResult]) -> None:
             f"{x.collectors} (the other nodes: a template's exposition renamed; "
             f"equal to their own collector's: {x.copies_equal}); "
             f"{x.scrapes_failed} responses not taken (scrape timeouts)",
+        )
+        r.row(
+            s,
+            f"F={x.nodes:<5} slowest rules",
+            ", ".join(f"{name} {ms:.0f} ms" for name, ms in x.slowest_rules_ms.items()),
         )
     quant = [x for x in results if x.peer_detail == "quantiles"]
     ex = extrapolate(quant, EXTRAPOLATE_TO)
