@@ -232,6 +232,7 @@ def run_stream(r: Report, plan: Plan) -> None:
 def run_fleet(r: Report, plan: Plan) -> None:
     # pure userspace, last: niced from here on (Prometheus inherits it)
     os.nice(10)
+    fleet.quiet_logs()
     fleet.run(r, plan.fleet_cases)
 
 
