@@ -5,9 +5,12 @@ to the host. The same code runs on real traffic in test_peers.py
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -254,3 +257,18 @@ def test_bad_budget_keys_are_one_line(keys: dict[str, object], message: str) -> 
     with pytest.raises(ConfigError, match=message) as e:
         from_mapping(keys, "test")
     assert "\n" not in str(e.value)
+
+
+def test_run_refuses_a_max_series_below_the_minimum_in_one_line(tmp_path: Path) -> None:
+    """At start, before anything touches the kernel: one line naming the minimum, exit 1."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max_series = 200\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "ebpf_telemetry", "run", "--once", "--config", str(cfg),
+         "--pin-dir", "/sys/fs/bpf/ebt-test-never", "--textfile", str(tmp_path / "t.prom")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"max_series 200 is below \d+, the least", lines[0]), lines
+    assert not (tmp_path / "t.prom").exists()

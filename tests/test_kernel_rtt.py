@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentlab import EMULATED, EventDrain, attach, peer_id
+from conftest import FULL_DETAIL_TOML
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 from netlab import (
@@ -149,12 +150,16 @@ def test_textfile_parses_and_second_run_continues(
 ) -> None:
     a, b, veth = lab
     prom = tmp_path / "out.prom"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(FULL_DETAIL_TOML)  # every peer's histogram, as this test reads it
     args = [
         sys.executable,
         "-m",
         "ebpf_telemetry",
         "run",
         "--once",
+        "--config",
+        str(cfg),
         "--interval",
         "1",
         "--pin-dir",

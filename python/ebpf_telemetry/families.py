@@ -58,7 +58,8 @@ METRICS = _defs(
         "histogram",
         ("node", "peer", "peer_zone"),
         "TCP smoothed RTT (srtt) per peer node: one sample per RTT measurement the kernel "
-        "takes (an incoming segment that acknowledges new data), srtt as it stands then.",
+        "takes (an incoming segment that acknowledges new data), srtt as it stands then "
+        '(peer_detail = "histogram"; max_series: the worst peers first).',
         "tcp_probe where ack_seq > snd_una -> rtt_hist_map[peer] (log2x8 slots; le: the "
         "rtt_buckets edges in rtt_bucket_range_seconds), node_metrics_map.rtt_sum",
     ),

@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import structlog
 from prometheus_client.core import Metric
@@ -48,12 +49,25 @@ log = structlog.get_logger("metrics")
 RUNTIME_RESERVE = 64
 
 
+@dataclass(frozen=True)
+class Export:
+    """What one interval exports, made whole in update() and swapped in at
+    once: a scrape of /metrics (another thread) never mixes two intervals."""
+
+    window: Window
+    choice: budget.Choice  # the peers with per-peer series
+    labels: dict[int, dict[str, str]]  # node id -> node, peer, peer_zone
+    zones: list[Metric]  # the zone families, rendered
+    detail: str  # peer_detail
+    peer_buckets: Buckets
+
+
 class TelemetryCollector(Collector):
     """Yields the families of the latest window handed to update()."""
 
     def __init__(self, cfg: Config) -> None:
         self.collectors: list[Running] = []  # what attach() made run
-        self.window: Window | None = None
+        self.export: Export | None = None
         self.collect_seconds = 0.0
         self.repairs: Counter[str] = Counter()  # the peer table's, by kind (peertable.Checker)
         self.pins_replaced = 0  # maps of another layout replaced at start
@@ -61,8 +75,6 @@ class TelemetryCollector(Collector):
         self.source: Source | None = None  # of peer names, for its last sync
         self.budget = budget.Budget(cfg.peer_detail_hold_intervals, cfg.peer_detail)
         self.zone_totals = ZoneTotals()
-        self.choice = budget.Choice([], 0)
-        self.labels: dict[int, dict[str, str]] = {}
         self.over_budget = False
         self.configure(cfg)
 
@@ -95,13 +107,18 @@ class TelemetryCollector(Collector):
 
     def update(self, window: Window, collect_seconds: float) -> None:
         """A new interval: the zones' counts and the peers the budget exports."""
-        self.window, self.collect_seconds = window, collect_seconds
+        self.collect_seconds = collect_seconds
         self.zone_totals.add(window, self.zones.by_id(window.cur.peers))
-        self.labels = dict(self._peers(window))
-        inputs = budget.peer_inputs(window, ((i, lb["peer"]) for i, lb in self.labels.items()))
-        always = count_samples(self._always(window)) + 1  # + a source's first sync
+        zones = list(self.zone_totals.families(self.node_name, self.zones.own, self.peer_buckets))
+        labels = dict(self._peers(window))
+        inputs = budget.peer_inputs(window, ((i, lb["peer"]) for i, lb in labels.items()))
+        unchosen = Export(
+            window, budget.Choice([], 0), labels, zones, self.detail, self.peer_buckets
+        )
+        always = count_samples(self._always(unchosen)) + 1  # + a source's first sync
         per_peer = budget.samples_per_peer(self.detail, len(self.peer_buckets.les))
-        self.choice = self.budget.choose(inputs, budget.room(self.max_series, always, per_peer))
+        choice = self.budget.choose(inputs, budget.room(self.max_series, always, per_peer))
+        self.export = replace(unchosen, choice=choice)
         self._note_over(always)
 
     def _note_over(self, always: int) -> None:
@@ -118,22 +135,22 @@ class TelemetryCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        w = self.window
-        if w is None:
+        e = self.export
+        if e is None:
             return
-        yield from self._always(w)
+        yield from self._always(e)
         yield from peerdetail.families(
-            self.detail, self.choice.exported, self.labels, w, self.peer_buckets
+            e.detail, e.choice.exported, e.labels, e.window, e.peer_buckets
         )
 
-    def _always(self, w: Window) -> Iterator[Metric]:
+    def _always(self, e: Export) -> Iterator[Metric]:
         """Every family outside the budget's cut (they hold the totals)."""
-        yield from self._host_rtt(w)
-        yield from self.zone_totals.families(self.node_name, self.zones.own, self.peer_buckets)
-        yield self._drops(w)
-        yield from self._sched(w)
-        yield from self._budget_gauges()
-        yield from agent_families(self, w)
+        yield from self._host_rtt(e.window)
+        yield from e.zones
+        yield self._drops(e.window)
+        yield from self._sched(e.window)
+        yield from self._budget_gauges(e.choice)
+        yield from agent_families(self, e.window)
 
     def _peers(self, w: Window) -> Iterator[tuple[int, dict[str, str]]]:
         """Candidates for per-peer series, with their labels: every named or
@@ -174,10 +191,10 @@ class TelemetryCollector(Collector):
             util.add_metric([n], ratio)
         yield util
 
-    def _budget_gauges(self) -> Iterator[Metric]:
+    def _budget_gauges(self, choice: budget.Choice) -> Iterator[Metric]:
         for name, value in (
-            ("ebpf_peers_exported", len(self.choice.exported)),
-            ("ebpf_peers_folded", self.choice.folded),
+            ("ebpf_peers_exported", len(choice.exported)),
+            ("ebpf_peers_folded", choice.folded),
         ):
             fam = gauge(name)
             fam.add_metric([self.node_name], float(value))
