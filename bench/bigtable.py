@@ -137,7 +137,7 @@ def _timed_cycle(
     t.append(time.perf_counter())
     exporter.write_atomic(path, text)
     t.append(time.perf_counter())
-    parts = {p: (b - a) * 1e3 for p, a, b in zip(PARTS, t, t[1:], strict=True)}
+    parts = {p: (b - a) * 1e3 for p, a, b in zip(PARTS, t[:-1], t[1:], strict=True)}
     return parts, cur, len(text)
 
 

@@ -18,11 +18,18 @@ import random
 import statistics
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.histogram import EDGE_SCHEMES, edge_slots, slot_lower
-from ebpf_telemetry.layout import MAP_PERCPU_ARRAY, MAP_PERCPU_HASH, MAPS
+from ebpf_telemetry.layout import (
+    MAP_HASH,
+    MAP_LPM_TRIE,
+    MAP_PERCPU_ARRAY,
+    MAP_PERCPU_HASH,
+    MAPS,
+    NODE_MAPS,
+)
 from ebpf_telemetry.maps import Pins
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -97,15 +104,16 @@ class MapMemory:
     bytes_here: int
     bytes_64: int
     bytes_256: int
+    entries: int = 0
 
 
 def _map_bytes(entries: int, key: int, value: int, map_type: int, ncpu: int) -> int:
-    """Values (per CPU where per-CPU, 8-byte aligned) plus keys; hash element
-    headers counted as 48 bytes; no allocator slack."""
+    """Values (per CPU where per-CPU, 8-byte aligned), plus keys and a 48-byte
+    element header for hashes and tries (arrays store no keys); no allocator slack."""
     v = (value + 7) // 8 * 8
     if map_type in (MAP_PERCPU_ARRAY, MAP_PERCPU_HASH):
         v *= ncpu
-    extra = key + 48 if map_type != MAP_PERCPU_ARRAY and key else 0
+    extra = key + 48 if map_type in (MAP_HASH, MAP_PERCPU_HASH, MAP_LPM_TRIE) and key else 0
     return entries * (v + extra)
 
 
@@ -128,6 +136,27 @@ def memory(pins: Pins, ncpu_here: int) -> list[MapMemory]:
                 _map_bytes(*args, ncpu_here),
                 _map_bytes(*args, 64),
                 _map_bytes(*args, 256),
+                int(i.max_entries),
             )
         )
     return out
+
+
+def memory_at(mem: list[MapMemory], max_peers: int) -> list[MapMemory]:
+    """The same maps with max_peers peers: the maps indexed by node id
+    (NODE_MAPS) at max_peers + 2 entries, the others as loaded; from each
+    map's own key and value size and type (read back from the kernel)."""
+    return [_resized(m, max_peers) for m in mem]
+
+
+def _resized(m: MapMemory, max_peers: int) -> MapMemory:
+    if m.name not in NODE_MAPS:
+        return m
+    entries = max_peers + 2
+    return replace(
+        m,
+        bytes_here=m.bytes_here * entries // m.entries,
+        bytes_64=m.bytes_64 * entries // m.entries,
+        bytes_256=m.bytes_256 * entries // m.entries,
+        entries=entries,
+    )

@@ -31,6 +31,7 @@ import structlog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bigtable
 import eventstream
 import export
 import fleet
@@ -43,6 +44,7 @@ import userspace
 from bpfstats import stats_sysctl
 from report import Report, fmt, ratio
 
+from ebpf_telemetry.binding import lib
 from ebpf_telemetry.config import Config
 from ebpf_telemetry.histogram import EDGE_SCHEMES
 from ebpf_telemetry.maps import Pins
@@ -64,6 +66,7 @@ class Plan:
 FULL = Plan(20, 8, 3, 50, 60, 8, 3, (2000, 5000, 10000, 20000, 50000, 100000))
 QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000), fleet.QUICK_CASES)
 PEER_COUNTS = (1, 64, 255)
+BIG_COUNTS = (1024, 4096, 16384)
 
 
 def run_hooks(r: Report, plan: Plan) -> None:
@@ -150,11 +153,32 @@ def run_userspace(r: Report, plan: Plan) -> None:
     r.target("agent CPU", ag.cpu_pct, "%", 1.0)
     run_export(r)
     run_tablecheck(r, plan)
+    run_bigtable(r, plan)
+
+
+def run_bigtable(r: Report, plan: Plan) -> None:
+    s = "3d. the cycle at thousands of peers (1/16 of them moving, the 300 worst exported)"
+    big = bigtable.measure(BIG_COUNTS, plan.cycles)
+    r.add("bigtable", big)
+    for b in big:
+        parts = " + ".join(f"{k} {v:.1f}" for k, v in b.parts_ms.items())
+        r.row(
+            s,
+            f"{b.peers:>6} peers ({b.moving} moving)",
+            f"median {b.median_ms:.1f} ms, p95 {b.p95_ms:.1f} ms = {parts}; "
+            f"CPU {b.cpu_pct:.2f} % at 5 s; RSS {b.rss_mb:.0f} MB; {b.textfile_bytes:,} B",
+        )
+    top = big[-1]
+    read = sum(top.parts_ms[k] for k in ("read", "table", "rank"))
+    r.target(f"read + table + rank at {top.peers} peers (median)", read, "ms", 20.0)
+    r.target(f"cycle p95 at {top.peers} peers", top.p95_ms, "ms", 20.0)
+    r.target(f"CPU at {top.peers} peers", top.cpu_pct, "%", 0.5)
+    r.target(f"RSS at {top.peers} peers", top.rss_mb, "MB", 80.0)
 
 
 def run_tablecheck(r: Report, plan: Plan) -> None:
     s = "3c. the peer table's invariant check, every id live"
-    costs = tablecheck.measure((255, 4094), plan.cycles)
+    costs = tablecheck.measure((255, 4094, 16384), plan.cycles)
     r.add("table_check", costs)
     for c in costs:
         r.row(
@@ -195,6 +219,24 @@ def run_export(r: Report) -> None:
         f"{total['bytes_64']:.1f} MiB at 64 CPUs, {total['bytes_256']:.1f} MiB at 256",
     )
     r.target("kernel memory at 256 CPUs", total["bytes_256"], "MiB", 64.0)
+    big = export.memory_at(mem, lib.MAX_PEERS_LIMIT)
+    r.add("memory_max_peers", big)
+    top = {k: sum(getattr(m, k) for m in big) / mib for k in ("bytes_64", "bytes_256")}
+    for m in sorted(big, key=lambda m: -m.bytes_256)[:4]:
+        r.row(
+            s,
+            f"map {m.name} at {lib.MAX_PEERS_LIMIT:,} peers",
+            f"{m.bytes_64 / mib:.2f} MiB at 64 CPUs, {m.bytes_256 / mib:.2f} at 256"
+            f"{' (per-CPU)' if m.per_cpu else ''}",
+        )
+    r.row(
+        s,
+        f"kernel maps, all, at {lib.MAX_PEERS_LIMIT:,} peers",
+        f"{top['bytes_64']:.1f} MiB at 64 CPUs, {top['bytes_256']:.1f} MiB at 256",
+    )
+    r.target(
+        f"kernel memory at {lib.MAX_PEERS_LIMIT:,} peers, 256 CPUs", top["bytes_256"], "MiB", 64.0
+    )
 
 
 def run_stream(r: Report, plan: Plan) -> None:

@@ -108,6 +108,7 @@ struct {
 	__uint(max_entries, DEFAULT_NODES);
 	__type(key, __u32);
 	__type(value, struct peer_info);
+	__uint(map_flags, BPF_F_MMAPABLE); /* userspace reads it in place */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peer_info_map SEC(".maps");
 
@@ -127,6 +128,7 @@ struct {
 	__uint(max_entries, DEFAULT_NODES);
 	__type(key, __u32);
 	__type(value, __u64);
+	__uint(map_flags, BPF_F_MMAPABLE); /* userspace reads it in place */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peer_seen_map SEC(".maps");
 

@@ -203,10 +203,12 @@ def test_16384_peers_load_and_read_back_exactly(make_config: Any, lab: Any) -> N
     assert full.node(node).rtt_sum == sum(values)
     w = Window(s0, s1)
     assert w.hist(node) == full.hist(node) == s1.hist(node)  # the peer had nothing before
+    # no filler moved; other traffic of this machine counts under `other` (MAX + 1)
     assert w.rtt_counts()[node] == count and int(w.rtt_counts()[1:MAX].sum()) == 0
     ids, q = w.rtt_quantiles_all((0.5, 0.99))
-    assert ids.tolist() == [node]
-    assert q[0].tolist() == pytest.approx(w.rtt_quantiles_us(node, (0.5, 0.99)))
+    assert node in ids.tolist() and set(ids.tolist()) <= {node, MAX + 1}
+    row = q[ids.tolist().index(node)]
+    assert row.tolist() == pytest.approx(w.rtt_quantiles_us(node, (0.5, 0.99)))
     assert w.node(HOST).rtt_count >= count  # the host counts every peer's samples
 
 

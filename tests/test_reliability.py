@@ -557,6 +557,43 @@ def test_pins_of_another_layout_are_replaced_by_run(lab: Any, pin_dir: str, tmp_
     assert value(tf.read_text(), "ebpf_pins_replaced_total") == 0
 
 
+def test_pins_of_the_per_cpu_node_rows_are_replaced_by_run(
+    lab: Any, pin_dir: str, tmp_path: Path
+) -> None:
+    """An upgrade from releases whose node_metrics_map was per-CPU (before
+    16,384 peers): `run` replaces it with the rest of the peer group (ids
+    mean the same peer in all of them), creates host_metrics_map, and counts
+    RTT into the new rows."""
+    from ebpf_telemetry.pincheck import PEER_GROUP
+
+    a, b, veth = lab
+    cfg = toml(tmp_path, peers_toml({"b": [f"{veth.v4_b}/32"]}))
+    tf = tmp_path / "t.prom"
+    run = ("run", "--once", "--config", str(cfg), "--pin-dir", pin_dir, "--textfile", str(tf),
+           "--interval", str(INTERVAL))  # fmt: skip
+    assert cli(*run).returncode == 0
+    os.unlink(f"{pin_dir}/node_metrics_map")
+    os.unlink(f"{pin_dir}/host_metrics_map")  # the old releases had none
+    bpftool_map(f"{pin_dir}/node_metrics_map", "type", "percpu_array", "key", "4", "value",
+                str(ffi.sizeof("struct node_metrics")), "entries", "257",
+                "name", "node_metrics_map")  # fmt: skip
+    with TcpEchoServer(b, veth.v4_b) as srv, TcpPingPong(a, [(veth.v4_b, srv.port)]) as pp:
+        r = cli(*run)
+        assert r.returncode == 0, r.stderr
+        pp.run(50)
+        r2 = cli(*run)
+    records = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")]
+    warned = [x for x in records if x["level"] == "warning"]
+    assert [x["msg"] for x in warned] == [
+        "pinned maps of another layout replaced; their counters restart"
+    ]
+    assert set(warned[0]["maps"]) == set(PEER_GROUP) & set(os.listdir(pin_dir))
+    assert "node_metrics_map" in warned[0]["maps"]
+    assert r2.returncode == 0 and "another layout" not in r2.stderr, r2.stderr
+    assert rtt_count(tf, "b") >= 50
+    assert os.path.exists(f"{pin_dir}/host_metrics_map")
+
+
 def test_pins_to_replace_keep_the_peer_group_together() -> None:
     from ebpf_telemetry.pincheck import PEER_GROUP, PinSurvey
 

@@ -159,12 +159,15 @@ def quantiles_rows(rows: Any, qs: Sequence[float], means: Any = None) -> Any:
     """quantiles() of many histograms at once: rows (k x MAX_SLOTS counts),
     means (k, NaN: none); a (k x len(qs)) float array, NaN where a row is
     empty. The same estimate as quantiles(), in floating point throughout."""
-    counts = np.asarray(rows, dtype=np.float64)
-    k = len(counts)
+    rows = np.asarray(rows)
+    k = len(rows)
     out = np.full((k, len(qs)), np.nan)
-    if k == 0:
+    cols = np.flatnonzero(rows.any(axis=0)) if k else rows[:0]
+    if len(cols) == 0:
         return out
-    lower, upper = _bounds(counts.shape[1])
+    lo_col, hi_col = int(cols[0]), int(cols[-1]) + 1  # the slots any row uses
+    counts = rows[:, lo_col:hi_col].astype(np.float64)
+    lower, upper = (b[lo_col:hi_col] for b in _bounds(rows.shape[1]))
     total = counts.sum(axis=1)
     cum = counts.cumsum(axis=1)
     used = counts > 0

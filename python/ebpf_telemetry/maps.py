@@ -10,7 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Self
 
-from ebpf_telemetry import noderows
+import numpy as np
+
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import STATS, Hist, NodeMetrics
@@ -80,6 +81,8 @@ class Pins:
 
     def node_rows(self) -> tuple[Mapping[int, Hist], Mapping[int, NodeMetrics]]:
         """Every node's RTT histogram and metrics, node id -> value (noderows.first)."""
+        from ebpf_telemetry import noderows  # noderows reads through Pins
+
         metrics, hists = noderows.first(self)
         return hists, metrics
 
@@ -94,8 +97,9 @@ class Pins:
 
     def seen(self) -> dict[int, int]:
         """node id -> last activity (or retirement), CLOCK_BOOTTIME ns, where known."""
-        n, vals = self["peer_seen_map"].array_rows()
-        return {i: int(vals[i]) for i in range(n) if vals[i]}
+        times = self["peer_seen_map"].mapped().view(np.uint64).copy()
+        ids = np.flatnonzero(times)
+        return dict(zip(ids.tolist(), times[ids].tolist(), strict=True))
 
     def zero_node(self, node_id: int) -> None:
         """Reset one node's counters (its id is given to another peer)."""

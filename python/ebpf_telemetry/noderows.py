@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS
+from ebpf_telemetry.nodes import PeerNames
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import Hist, NodeMetrics
 
@@ -78,16 +79,16 @@ class MetricRows(Mapping[int, NodeMetrics]):
 @dataclass(frozen=True, eq=False)
 class HistRows(Mapping[int, Hist]):
     """node id -> RTT histogram of one reading: the host's, the rows read
-    (`ids`, sorted, and `rows`), and for a reader's later readings the rows
-    not read, which are those of the reader's previous reading (`before`:
-    the low words of the rows read, as they were then)."""
+    (`ids`, sorted, and `rows`); for a reader's readings the rows not read
+    come from the reader (NodeReader.row_at), and `before` holds the low
+    words the rows read had at the reader's previous reading."""
 
     nodes: int
     host: Hist
     ids: IdArray
     rows: U64Array
     seq: int = 0  # the reader's reading number; 0: not a reader's
-    base: int = 0  # the reading the unread rows are those of; 0: they are empty
+    base: int = 0  # the reader's reading before this one; 0: none
     before: npt.NDArray[np.uint32] | None = None
     reader: NodeReader | None = field(default=None, repr=False)
 
@@ -104,7 +105,7 @@ class HistRows(Mapping[int, Hist]):
         i = self.position(node)
         if i is not None:
             return _hist(self.rows[i])
-        if self.base == 0 or self.reader is None:
+        if self.reader is None:  # a first reading read every row with samples
             return Hist.empty()
         return _hist(self.reader.row_at(node, self.seq))
 
@@ -218,13 +219,14 @@ def moved(metrics: U64Array, last: U64Array | None) -> IdArray:
 def first(pins: Any) -> tuple[MetricRows, HistRows]:
     """One reading that owes nothing to another: every node's counters, the
     histogram rows of every node with RTT samples."""
+    hists = pins["rtt_hist_map"]  # opened (its layout checked) first, as ever
     view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
     try:
         metrics = view.read()
     finally:
         view.close()
     ids = moved(metrics, None)
-    rows = lookup_rows(pins["rtt_hist_map"], ids)
+    rows = lookup_rows(hists, ids)
     host = host_hist(pins["rtt_host_hist_map"])
     return MetricRows(metrics), HistRows(len(metrics), host, ids, rows)
 
@@ -235,16 +237,23 @@ class NodeReader:
 
     def __init__(self, pins: Any) -> None:
         self.pins = pins
+        pins["rtt_hist_map"]  # opened (its layout checked) first
         self.view = MetricsView(pins["node_metrics_map"], pins["host_metrics_map"])
         n = self.view.nodes
         self.seq = 0
         self.last: U64Array | None = None
         self.low = np.zeros((n, MAX_SLOTS), dtype=np.uint32)  # pages touched when written
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
+        self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
+
+    CHUNK = 1024  # rows of a first reading read at a time
 
     def take(self) -> tuple[MetricRows, HistRows]:
         metrics = self.view.read()
         ids = moved(metrics, self.last)
+        if self.last is None:  # keep the low words only: no copy of every row
+            self._first(ids)
+            ids = ids[:0]
         rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
         before = self.low[ids] if base else None
@@ -255,6 +264,11 @@ class NodeReader:
         return MetricRows(metrics), HistRows(
             len(metrics), host, ids, rows, self.seq, base, before, self
         )
+
+    def _first(self, ids: IdArray) -> None:
+        for a in range(0, len(ids), self.CHUNK):
+            part = ids[a : a + self.CHUNK]
+            self.low[part] = lookup_rows(self.pins["rtt_hist_map"], part).astype(np.uint32)
 
     def row_at(self, node: int, seq: int) -> U64Array:
         """node's row as it was at reading seq (which did not read it): now,

@@ -39,6 +39,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ebpf_telemetry.binding import TelemetryError, ffi, lib
 from ebpf_telemetry.config import RESERVED_PEER, Config
 from ebpf_telemetry.maps import Pins
@@ -216,18 +219,22 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now:
       its own label, and sockets that overflowed to `other` look again."""
     if not cfg.auto_peers:
         return 0
-    info_map, seen_map = pins["peer_info_map"], pins["peer_seen_map"]
-    _, infos = info_map.array_rows()
+    seen_map = pins["peer_seen_map"]
     idle_ns, grace_ns = int(cfg.peer_idle_seconds * 1e9), int(GRACE_SECONDS * 1e9)
-    retire, free = [], []
-    for i in range(1, cfg.max_peers + 1):
-        flags, last = infos[i].flags, seen.get(i, 0)
-        if flags & lib.PEER_AUTO and (i in active or not last or last > now):
-            seen_map.update(_key(i), ffi.new("__u64 *", now))
-        elif flags & lib.PEER_AUTO and now - last >= idle_ns:
-            retire.append(i)
-        elif flags & lib.PEER_RETIRING and (last > now or now - last >= grace_ns):
-            free.append(i)
+    flags = flags_of(pins)[: cfg.max_peers + 1]
+    last = np.zeros(len(flags), dtype=np.int64)
+    if seen:
+        known = np.fromiter(seen.keys(), dtype=np.int64, count=len(seen))
+        inside = known < len(last)
+        last[known[inside]] = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))[inside]
+    moved = np.zeros(len(flags), dtype=np.bool_)
+    moved[[i for i in active if 0 <= i < len(flags)]] = True
+    auto, retiring = (flags & lib.PEER_AUTO) != 0, (flags & lib.PEER_RETIRING) != 0
+    auto[0] = retiring[0] = False  # node 0 is the host
+    touch = auto & (moved | (last == 0) | (last > now))
+    retire = np.flatnonzero(auto & ~touch & (now - last >= idle_ns)).tolist()
+    free = np.flatnonzero(~auto & retiring & ((last > now) | (now - last >= grace_ns))).tolist()
+    seen_map.mapped().view(np.uint64)[: len(touch)][touch] = now  # in place: no call per id
     if retire:
         _retire(pins, cfg, retire, now)
     for i in free:
@@ -260,6 +267,28 @@ def _addresses(pins: Pins) -> list[tuple[Any, int]]:
     return [(ffi.new("struct peer_key *", keys[i]), int(vals[i])) for i in range(n)]
 
 
+def flags_of(pins: Pins) -> npt.NDArray[np.uint32]:
+    """peer_info_map's flags, one per id (read in place, no loop over the ids)."""
+    m = pins["peer_info_map"]
+    size, off = ffi.sizeof("struct peer_info"), ffi.offsetof("struct peer_info", "flags")
+    raw = m.mapped().reshape(m.max_entries, size)
+    return raw[:, off : off + 4].copy().view(np.uint32).ravel()
+
+
+def owner_counts(pins: Pins, nodes: int) -> tuple[npt.NDArray[np.int64], set[int]]:
+    """How many addresses peer_addr_map maps to each id below nodes, and the
+    ids at or beyond nodes it maps to (one batch read, no loop over the ids)."""
+    n, _, vals = pins["peer_addr_map"].hash_rows("struct peer_key")
+    ids = np.frombuffer(ffi.buffer(vals), dtype=np.uint32, count=n).astype(np.int64)
+    inside = ids < nodes
+    return np.bincount(ids[inside], minlength=nodes), set(ids[~inside].tolist())
+
+
+def first_address(pins: Pins, node_id: int) -> bytes:
+    """One address peer_addr_map maps to node_id (for a repair: rare)."""
+    return owners(pins)[node_id][0]
+
+
 def owners(pins: Pins) -> dict[int, list[bytes]]:
     """id -> the addresses peer_addr_map maps to it."""
     out: dict[int, list[bytes]] = {}
@@ -280,25 +309,24 @@ class Checker:
 
     def check(self, pins: Pins, cfg: Config) -> set[int]:
         """Check and repair the automatic table; the ids whose counts are
-        mixed this cycle (withhold their labels from the export)."""
+        mixed this cycle (withhold their labels from the export). Arrays over
+        the ids (numpy): 16,384 of them cost no Python loop."""
         if not cfg.auto_peers:
             return set()
         max_peers, info_map = cfg.max_peers, pins["peer_info_map"]
-        addrs = owners(pins)
-        _, infos = info_map.array_rows()
-        shared = {i for i, a in addrs.items() if len(a) > 1 or not 1 <= i <= max_peers}
-        ghosts, undescribed = [], []
-        for i in range(1, max_peers + 1):
-            flags = infos[i].flags
-            if flags & lib.PEER_AUTO and i not in addrs:
-                ghosts.append(i)
-            elif i in addrs and i not in shared and not flags & lib.PEER_AUTO:
-                if flags & lib.PEER_RETIRING:
-                    shared.add(i)  # an address came back to a retiring id: start it afresh
-                else:
-                    undescribed.append(i)
+        flags = flags_of(pins)
+        counts, beyond = owner_counts(pins, len(flags))
+        ids = np.arange(len(flags))
+        live = (ids >= 1) & (ids <= max_peers)
+        mapped = counts > 0
+        auto, retiring = (flags & lib.PEER_AUTO) != 0, (flags & lib.PEER_RETIRING) != 0
+        shared_mask = mapped & ((counts > 1) | ~live)
+        came_back = live & mapped & ~shared_mask & ~auto & retiring
+        ghosts = np.flatnonzero(live & auto & ~mapped).tolist()
+        undescribed = np.flatnonzero(live & mapped & ~shared_mask & ~auto & ~retiring).tolist()
+        shared = set(np.flatnonzero(shared_mask | came_back).tolist()) | beyond
         for i in undescribed:  # as the kernel is about to write it
-            info_map.update(_key(i), _info(lib.PEER_AUTO, addr=addrs[i][0]))
+            info_map.update(_key(i), _info(lib.PEER_AUTO, addr=first_address(pins, i)))
         for i in ghosts:
             info_map.update(_key(i), _info(0))
         if shared:  # mixed counts: retired now, blanked and freed after the grace
@@ -317,8 +345,7 @@ class Checker:
         pool = pins["peer_free_map"]
         drained = pool.drain()
         time.sleep(GRACE_SECONDS)
-        _, infos = pins["peer_info_map"].array_rows()
-        used = {i for i in range(1, cfg.max_peers + 1) if infos[i].flags} | set(owners(pins))
+        used = set(np.flatnonzero(flags_of(pins)[1 : cfg.max_peers + 1]) + 1) | set(owners(pins))
         counts = Counter(drained)
         keep = [i for i in dict.fromkeys(drained) if 1 <= i <= cfg.max_peers and i not in used]
         missing = [i for i in range(1, cfg.max_peers + 1) if i not in used and i not in counts]

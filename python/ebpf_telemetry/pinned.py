@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from ebpf_telemetry.binding import BpfError, check, ffi, lib, num_cpus, obj_get
 from ebpf_telemetry.layout import (
@@ -30,6 +35,7 @@ class PinnedMap:
             os.close(self.fd)
             raise
         self.ncpu = num_cpus() if self.percpu else 1
+        self._mm: mmap.mmap | None = None
 
     @property
     def percpu(self) -> bool:
@@ -56,7 +62,23 @@ class PinnedMap:
         if s.value:
             check_btf_layout(self.path, i, s.value)
 
+    def mapped(self) -> npt.NDArray[np.uint8]:
+        """An array map's values in place (BPF_F_MMAPABLE): bytes, max_entries
+        values of value_size rounded up to 8, no copy, no syscall. Writable
+        (a store is an update of the value, as the programs' are)."""
+        size = self.max_entries * -(-int(self.info.value_size) // 8) * 8
+        if self._mm is None:
+            try:
+                self._mm = mmap.mmap(self.fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+            except OSError as e:
+                raise BpfError(f"mmap of {self.path}", e.errno or 22) from None
+        return np.frombuffer(self._mm, dtype=np.uint8, count=size)
+
     def close(self) -> None:
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped when it goes
+                self._mm.close()
+            self._mm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
