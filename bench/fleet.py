@@ -14,17 +14,24 @@ retransmitting, then the slow ones) were among those exported.
 MOCKED: only the kernel's snapshots (what `snapshot.take` reads from the
 pinned maps): `synthetic_snapshot` builds them, the ONE place to adapt when
 the snapshot's layout changes. Each peer's RTT is log-normal with a known
-median (by zone pair, a per-peer jitter, x10 for a few slow peers); its
-histogram slots hold the expected count of each slot (round k: k times a
-round's samples), so counters advance every round and the truth is the
-exact quantile of the known mixture. Nothing touches the kernel (no lock
-needed); run it with `nice -n 10`.
+median (by zone pair and a per-peer jitter, 20 ms for 5 slow peers a node;
+3 peers retransmit); its histogram slots hold the expected count of each
+slot (round k: k times a round's samples), so counters advance every round
+and the truth is the exact quantile of the known mixture. Nothing touches
+the kernel (no lock needed); run it with `nice -n 10`.
 
-Rounds: node i's round k is published only once Prometheus has scraped its
-round k-1, so every round is ingested whatever rendering F nodes costs.
+60 template nodes are rendered by their own collector (in a child process,
+so that rendering does not starve the server's threads); node i has the
+inputs of node i % 60 and serves its template's text with the node label
+renamed; `check_copy` renders one such node with its own collector and
+compares. Rounds: node i's round k is published only once Prometheus has
+scraped its round k-1 whole, so every round is ingested whatever rendering
+costs.
 
-    bench/fleet.py [--nodes F ...] [--peers P] [--detail quantiles|histogram|none]
-                   [--scrape-interval S] [--rounds K] [--out PATH]
+    bench/fleet.py [--nodes F ...] [--detail quantiles|histogram|none ...]
+                   [--peers P] [--rounds K] [--scrape-interval S]
+                   [--rtt-buckets pow2|pow2x2|all] [--max-series N]
+                   [--quick] [--out PATH]
 """
 
 from __future__ import annotations
