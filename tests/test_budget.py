@@ -207,6 +207,28 @@ def test_the_export_never_exceeds_max_series_and_keeps_the_totals(detail: str) -
             assert exported == 0
 
 
+def test_more_zones_than_max_series_holds_fold_the_smallest_into_the_empty_zone() -> None:
+    """40 zones of 30 samples each would take 1,200: the biggest zones fit, the
+    rest are shown within peer_zone="", and the sum is still the host's."""
+    names = {i: f"10.1.0.{i}" for i in range(1, 41)}
+    zones = Zones("z-a", {n: f"zone-{i:02d}" for i, n in names.items()})
+    cfg = from_mapping({"node_name": "n", "max_series": 600}, "test")
+    c = TelemetryCollector(cfg)
+    c.configure(cfg, zones)  # as a peers file's table sets them
+    host = Host(names)
+    prev = host.snap()
+    for i in names:
+        host.traffic(i, [100] * i)  # zone-40 the biggest
+    cur = host.snap()
+    c.update(Window(prev, cur), 0.01)
+    text, fams = families(c)
+    assert sample_lines(text) <= 600
+    shown = {lb["peer_zone"]: v for lb, v in fams["ebpf_zone_tcp_rtt_seconds_count"]}
+    assert 1 < len(shown) < 41 and "" in shown
+    assert "zone-40" in shown and "zone-01" not in shown  # the biggest kept
+    assert sum(shown.values()) == fams["ebpf_node_tcp_rtt_seconds_count"][0][1]
+
+
 def test_zones_sum_to_the_host_when_reads_race_and_ids_are_reused() -> None:
     """A zoned peer's row ahead of node 0 in a read (a sample between the two
     reads): peer_zone="" owes it and the sum is exact again an interval later;

@@ -220,7 +220,7 @@ class Agent:
     def install(self, cfg: Config, table: PeerTable | None) -> None:
         """cfg, with the source's table, to the kernel (peertable.apply: no count
         of one peer under another's name) and to the labels."""
-        self.collector.check(cfg, naming.zones(cfg, table))  # max_series: before the kernel
+        self.collector.check(cfg)  # max_series: before the kernel
         peertable.apply(self.pins, naming.effective(cfg, table))
         self.note_left_out(cfg, table, naming.left_out(self.cfg, self.table))
         self.cfg, self.table = cfg, table

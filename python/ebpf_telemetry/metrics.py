@@ -83,7 +83,7 @@ class TelemetryCollector(Collector):
         (at start and reload) and the peer names' source (naming.py). A
         max_series below what the always-exported families take: ConfigError."""
         zones = zones or Zones(cfg.zone)
-        peer_buckets, host_buckets = self.check(cfg, zones)
+        peer_buckets, host_buckets = self.check(cfg)
         self.node_name = cfg.node_name
         self.interval_seconds = cfg.interval_seconds
         self.zones, self.peer_buckets, self.host_buckets = zones, peer_buckets, host_buckets
@@ -91,13 +91,13 @@ class TelemetryCollector(Collector):
         self.budget.configure(cfg.peer_detail_hold_intervals, cfg.peer_detail)
 
     @staticmethod
-    def check(cfg: Config, zones: Zones) -> tuple[Buckets, Buckets]:
+    def check(cfg: Config) -> tuple[Buckets, Buckets]:
         """The per-peer and host buckets of cfg; ConfigError if max_series is
         below what cfg always exports."""
         low, high = cfg.rtt_bucket_range_seconds
         peer_buckets = Buckets.of(cfg.rtt_buckets, low, high)
         host_buckets = Buckets.of("all", low, high)
-        least = minimum_series(host_buckets, peer_buckets, zones)
+        least = minimum_series(host_buckets, peer_buckets)
         if cfg.max_series < least:
             raise ConfigError(
                 f"max_series {cfg.max_series} is below {least}, the least this config exports "
@@ -109,13 +109,16 @@ class TelemetryCollector(Collector):
         """A new interval: the zones' counts and the peers the budget exports."""
         self.collect_seconds = collect_seconds
         self.zone_totals.add(window, self.zones.by_id(window.cur.peers))
-        zones = list(self.zone_totals.families(self.node_name, self.zones.own, self.peer_buckets))
         labels = dict(self._peers(window))
         inputs = budget.peer_inputs(window, ((i, lb["peer"]) for i, lb in labels.items()))
-        unchosen = Export(
-            window, budget.Choice([], 0), labels, zones, self.detail, self.peer_buckets
+        unchosen = Export(window, budget.Choice([], 0), labels, [], self.detail, self.peer_buckets)
+        others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
+        most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.peer_buckets)
+        zones = list(
+            self.zone_totals.families(self.node_name, self.zones.own, self.peer_buckets, most)
         )
-        always = count_samples(self._always(unchosen)) + 1  # + a source's first sync
+        unchosen = replace(unchosen, zones=zones)
+        always = others + count_samples(zones)
         per_peer = budget.samples_per_peer(self.detail, len(self.peer_buckets.les))
         choice = self.budget.choose(inputs, budget.room(self.max_series, always, per_peer))
         self.export = replace(unchosen, choice=choice)
@@ -125,7 +128,7 @@ class TelemetryCollector(Collector):
         over = always > self.max_series
         if over and not self.over_budget:
             log.warning(
-                "the always-exported families alone exceed max_series: raise it",
+                "the host, zone and agent families alone exceed max_series: raise it",
                 samples=always,
                 max_series=self.max_series,
             )
@@ -212,11 +215,12 @@ def _idle_window() -> Window:
     return Window(zero, zero)
 
 
-def minimum_series(host: Buckets, peer: Buckets, zones: Zones) -> int:
-    """The least max_series: the host's families (all present), one zone per
-    zone known and peer_zone="", the agent's, and RUNTIME_RESERVE."""
+def minimum_series(host: Buckets, peer: Buckets) -> int:
+    """The least max_series: the host's families (all present), one zone
+    (more zones than fit are shown within peer_zone="": zonehist.py), the
+    agent's, and RUNTIME_RESERVE."""
     n_host = 2 + len(host.les) + 3 + len(RUNQ_BUCKETS.les) + 3 + 1
-    n_zones = (1 + len(set(zones.peers.values()) - {""})) * (len(peer.les) + 4)
+    n_zones = ZoneTotals.samples_per_zone(peer)
     view = _MinimumView()
     n_agent = count_samples(agent_families(view, _idle_window())) + 1 + 2  # sync, budget gauges
     return n_host + n_zones + n_agent + RUNTIME_RESERVE

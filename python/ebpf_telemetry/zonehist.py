@@ -18,6 +18,11 @@ bucket (a sample between the two reads), peer_zone="" takes 0 there and the
 excess is held back from it in the next intervals (`debt`), so the sum is
 exact again as soon as it is paid, an interval later.
 
+More zones than max_series leaves room for (metrics.py works it out each
+interval): the zones with the fewest RTT samples are shown within
+peer_zone="" (shown(): the export's sum stays the host's; that "" series
+jumps up when it starts and down, a counter reset, when it stops).
+
 Exported always, also with no zone known (then one series {zone="",
 peer_zone=""} equal to the host): it is where the host's retransmit total
 is, whatever the per-peer budget leaves out.
@@ -97,16 +102,37 @@ class ZoneTotals:
         rest = NodeMetrics(rtt_sum=rtt_sum, retrans_count=retrans)
         self.zones[EMPTY_ZONE].add(Hist(tuple(r for r, _ in pairs)), rest)
 
-    def families(self, node_name: str, own_zone: str, buckets: Buckets) -> Iterator[Metric]:
+    def shown(self, most: int) -> dict[str, Totals]:
+        """At most `most` zones (at least peer_zone=""): when more zones than
+        max_series leaves room for, those with the fewest RTT samples are shown
+        within peer_zone="" (the sum stays the host's)."""
+        if len(self.zones) <= most:
+            return self.zones
+        named = sorted((z for z in self.zones if z != EMPTY_ZONE), key=self._size, reverse=True)
+        kept = named[: max(0, most - 1)]
+        rest = Totals()
+        for z in [EMPTY_ZONE, *named[len(kept) :]]:
+            t = self.zones[z]
+            rest.add(t.hist(), NodeMetrics(rtt_sum=t.rtt_sum, retrans_count=t.retrans))
+        return {EMPTY_ZONE: rest, **{z: self.zones[z] for z in kept}}
+
+    def _size(self, zone: str) -> tuple[int, str]:
+        return (self.zones[zone].hist().count, zone)
+
+    def families(
+        self, node_name: str, own_zone: str, buckets: Buckets, most: int | None = None
+    ) -> Iterator[Metric]:
         rtt = histogram("ebpf_zone_tcp_rtt_seconds")
         retrans = counter("ebpf_zone_tcp_retransmits_total")
-        for zone, t in sorted(self.zones.items()):
+        zones = self.zones if most is None else self.shown(most)
+        for zone, t in sorted(zones.items()):
             labels = {"node": node_name, "zone": own_zone, "peer_zone": zone}
             add_histogram(rtt, labels, buckets, t.hist(), t.rtt_sum * US)
             retrans.add_metric([node_name, own_zone, zone], t.retrans)
         yield rtt
         yield retrans
 
-    def samples(self, buckets: Buckets) -> int:
-        """Samples families() makes: per zone, buckets + Inf + count + sum, and retransmits."""
-        return len(self.zones) * (len(buckets.les) + 4)
+    @staticmethod
+    def samples_per_zone(buckets: Buckets) -> int:
+        """Samples families() makes per zone: buckets, +Inf, count, sum; retransmits."""
+        return len(buckets.les) + 4
