@@ -5,10 +5,11 @@ before each cycle (untimed) a sixteenth of the peers get new RTT samples and
 some retransmits, written into their rows as the programs would.
 
 Timed, as Agent.cycle runs them: read (take with the agent's NodeReader),
-table (the peer table's check and expiry step), rank (every peer's window
-count, retransmits and p99 from the window's arrays; the worst first), export
-(the collector's families for the worst EXPORTED peers: a stand-in for the
-series budget of issue 17, which decides what is exported), format and write.
+table (the peer table's check and expiry step), update (the real
+TelemetryCollector.update: zone totals, the series budget's ranking and
+choice, with the default export: peer_detail "quantiles", max_series 1,000)
+format and write (exporter.write_textfile of the collector's registry: the
+families and their formatting, then the atomic write with its fsyncs).
 
     bigtable.py N CYCLES   (the child: prints one JSON line)
 """
@@ -24,7 +25,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 import numpy as np
 
@@ -42,10 +42,9 @@ from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 
-EXPORTED = 300  # peers whose detail the stand-in exports
 MOVING = 16  # one peer in MOVING gets samples before each cycle
 INTERVAL = 5.0  # the default interval: CPU share = CPU per cycle / INTERVAL
-PARTS = ("read", "table", "rank", "export", "format", "write")
+PARTS = ("read", "table", "update", "format", "write")
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ class BigCycle:
     parts_ms: dict[str, float]  # medians
     cpu_pct: float  # CPU per cycle over a 5 s interval, % of one core
     rss_mb: float  # the process's peak (VmHWM)
+    rss_end_mb: float  # after the cycles (VmRSS)
+    rss_base_mb: float  # before the table was filled: interpreter, libraries, BPF objects
     textfile_bytes: int
 
 
@@ -115,6 +116,7 @@ def _timed_cycle(
     cfg: Config,
     checker: peertable.Checker,
     collector: TelemetryCollector,
+    registry: CollectorRegistry,
     prev: Snapshot,
     path: str,
 ) -> tuple[dict[str, float], Snapshot, int]:
@@ -125,15 +127,9 @@ def _timed_cycle(
     w = Window(prev, cur)
     peertable.expire(pins, cfg, w.active(), cur.seen, peertable.now_ns())
     t.append(time.perf_counter())
-    ids, q = w.rtt_quantiles_all((0.99,))
-    retrans = w.retransmits()[ids]
-    worst = ids[np.lexsort((-q[:, 0], -retrans.astype(np.float64)))[:EXPORTED]]
+    collector.update(w, 0.0)
     t.append(time.perf_counter())
-    shown = {i: cur.peers[i] for i in worst.tolist() if i in cur.peers}
-    collector.update(Window(replace(prev, peers=shown), replace(cur, peers=shown)), 0.0)
-    families = list(collector.collect())
-    t.append(time.perf_counter())
-    text = generate_latest(_Fixed(families))
+    text = generate_latest(registry)  # exporter.write_textfile, in two timed parts
     t.append(time.perf_counter())
     exporter.write_atomic(path, text)
     t.append(time.perf_counter())
@@ -141,19 +137,17 @@ def _timed_cycle(
     return parts, cur, len(text)
 
 
-class _Fixed(CollectorRegistry):
-    def __init__(self, families: list[Any]) -> None:
-        super().__init__(auto_describe=False)
-        self.families = families
-
-    def collect(self) -> Any:
-        return iter(self.families)
+def _status(key: str) -> float:
+    """A /proc/self/status line's figure, MB."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 1024
 
 
 def child(n: int, cycles: int) -> BigCycle:
     cfg = Config(pin_dir=probes.pin_dir(f"big{n}"), textfile="/dev/null", max_peers=n)
     cfg = replace(cfg, node_name="bench", peer_idle_seconds=3600)
     loader.attach(cfg)
+    base = _status("VmRSS")
     try:
         with Pins(cfg.pin_dir) as pins, tempfile.TemporaryDirectory() as tmp:
             tablecheck._fill(pins, n)
@@ -161,6 +155,8 @@ def child(n: int, cycles: int) -> BigCycle:
             reader = noderows.NodeReader(pins)
             checker = peertable.Checker()
             collector = TelemetryCollector(cfg)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(collector)
             path = os.path.join(tmp, "ebpf_telemetry.prom")
             prev = take(pins, reader)
             checker.check(pins, cfg)  # the first check drains and refills the pool
@@ -168,15 +164,17 @@ def child(n: int, cycles: int) -> BigCycle:
             for _ in range(cycles):
                 load.move()
                 c0 = time.process_time()
-                parts, prev, size = _timed_cycle(pins, reader, cfg, checker, collector, prev, path)
+                parts, prev, size = _timed_cycle(
+                    pins, reader, cfg, checker, collector, registry, prev, path
+                )
                 cpu.append(time.process_time() - c0)
                 times.append(parts)
+            end = _status("VmRSS")
             reader.close()
     finally:
         loader.unload(cfg.pin_dir)
     totals = sorted(sum(p.values()) for p in times)
-    with open("/proc/self/status") as f:
-        hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+    hwm = _status("VmHWM")
     return BigCycle(
         n,
         max(n // MOVING, 1),
@@ -184,7 +182,9 @@ def child(n: int, cycles: int) -> BigCycle:
         totals[min(int(len(totals) * 0.95), len(totals) - 1)],
         {p: statistics.median(x[p] for x in times) for p in PARTS},
         100 * statistics.median(cpu) / INTERVAL,
-        hwm / 1024,
+        hwm,
+        end,
+        base,
         size,
     )
 

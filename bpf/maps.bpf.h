@@ -10,6 +10,7 @@
 #define __MAPS_BPF_H
 
 #include "telemetry.h"
+#include "ablate.bpf.h"
 
 #define DEFAULT_NODES 257      /* max_peers 255 + host + other */
 
@@ -219,11 +220,28 @@ static __always_inline void stat_inc(__u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
+#if EBT_ABLATE & ABLATE_SETTINGS
+/* bench only: settings as a global (a direct load), automatic peers /32 /128 */
+struct settings ablate_settings = {
+	.sample_rate = 100, .auto_peers = 1, .max_peers = 255, .other_node = 256,
+	.generation = 1, .auto_prefix_v4 = 32, .auto_prefix_v6 = 128,
+	.auto_mask_v4 = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+			  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff },
+	.auto_mask_v6 = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+			  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff },
+};
+#endif
+
 /* NULL until userspace has written the peer table and settings (generation 0) */
 static __always_inline const struct settings *get_settings(void)
 {
 	__u32 zero = 0;
-	const struct settings *s = bpf_map_lookup_elem(&settings_map, &zero);
+	const struct settings *s;
+
+#if EBT_ABLATE & ABLATE_SETTINGS
+	return &ablate_settings;
+#endif
+	s = bpf_map_lookup_elem(&settings_map, &zero);
 
 #ifdef EBT_TEST_OTHER_BUILD
 	/* tests only (build/telemetry-other.bpf.o): another build of the same

@@ -122,6 +122,11 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		key.prefixlen = 128;
 		__builtin_memcpy(key.addr, &sk->__sk_common.skc_v6_daddr, ADDR_LEN);
 	}
+	if (!KEEP(ABLATE_PEER_CACHE)) {
+		struct peer_key folded = key;
+
+		return peer_lookup(s, &folded, overflow);
+	}
 	last = bpf_map_lookup_elem(&last_peer_cache, &zero);
 	if (last && last->generation == gen &&
 	    *(__u64 *)&last->addr[0] == *(__u64 *)&key.addr[0] &&

@@ -10,6 +10,10 @@
 #include "events.bpf.h"
 #include "bits.bpf.h"
 
+#if EBT_ABLATE & ABLATE_SOCK_CAST
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+#endif
+
 static __always_inline void metrics_add_rtt(struct node_metrics *m, __u64 us)
 {
 	if (!m)
@@ -30,19 +34,22 @@ static __always_inline void metrics_add_rtt_shared(struct node_metrics *m, __u64
 static __always_inline void record_rtt(const struct settings *s, __u32 node, __u64 us,
 				       __u32 overflow, __u32 port)
 {
-	struct node_metrics *host = host_metrics(), *peer = peer_metrics(node);
-	__u32 slot = value_to_slot(us);
-	__u64 ts;
+	struct node_metrics *host = KEEP(ABLATE_METRICS) ? host_metrics() : NULL;
+	struct node_metrics *peer = KEEP(ABLATE_METRICS) ? peer_metrics(node) : NULL;
+	__u32 slot = KEEP(ABLATE_SLOT) ? value_to_slot(us) : 0;
+	__u64 ts = 0;
 
-	hist_add(&rtt_host_hist_map, 0, slot);
-	if (node != NODE_HOST)
+	if (KEEP(ABLATE_HOST_HIST))
+		hist_add(&rtt_host_hist_map, 0, slot);
+	if (KEEP(ABLATE_PEER_ROW) && node != NODE_HOST)
 		hist_add_shared(&rtt_hist_map, node, slot);
 	metrics_add_rtt(host, us);
 	metrics_add_rtt_shared(peer, us);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
 	/* the clock is read only for sampled events: timestamp = the last one */
-	ts = emit_event(s, EVENT_RTT, node, us, port);
+	if (KEEP(ABLATE_EVENT))
+		ts = emit_event(s, EVENT_RTT, node, us, port);
 	if (ts) {
 		if (host)
 			host->timestamp = ts;
@@ -80,10 +87,19 @@ int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
 
 	if (!s)
 		return 0;
+#if EBT_ABLATE & ABLATE_SOCK_CAST
+	tp = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock));
+#else
 	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp || !acks_new_data(tp, skb))
+#endif
+	if (!tp || (KEEP(ABLATE_ACK_CHECK) && !acks_new_data(tp, skb)))
 		return 0;
-	node = sock_node(s, sk, &overflow);
+	if (KEEP(ABLATE_PEER)) {
+		node = sock_node(s, sk, &overflow);
+	} else {
+		node = NODE_HOST;
+		overflow = 0;
+	}
 	record_rtt(s, node, tp->srtt_us >> 3, overflow, bpf_ntohs(sk->__sk_common.skc_dport));
 #ifdef EBT_TEST_REJECT
 	/* tests only (build/telemetry-reject.bpf.o): an argument no kernel passes,

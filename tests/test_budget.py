@@ -294,3 +294,32 @@ def test_run_refuses_a_max_series_below_the_minimum_in_one_line(tmp_path: Path) 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(r"max_series 200 is below \d+, the least", lines[0]), lines
     assert not (tmp_path / "t.prom").exists()
+
+
+@pytest.mark.parametrize("fit", [0, 1, 7, 40, 400])
+def test_candidates_from_arrays_choose_as_the_scalar_definition(fit: int) -> None:
+    """budget.candidates() (numpy over the window's arrays) against
+    peer_inputs() (one peer at a time) through two Budgets with holds, over
+    intervals with ties on retransmits and p99, idle peers and fewer active
+    peers than places: the same peers, quantiles, folded count and holds."""
+    import random
+
+    rng = random.Random(fit)
+    names = {i: f"10.2.{i // 250}.{i % 250}" for i in range(1, 301)}
+    host = Host(names)
+    scalar, vector = Budget(hold=2, detail="quantiles"), Budget(hold=2, detail="quantiles")
+    prev = host.snap()
+    for step in range(8):
+        for i in rng.sample(sorted(names), 12 if step % 3 == 2 else 120):
+            rtt = rng.choice([100, 200, 400, 800]) * rng.choice([1, 1, 2])
+            host.traffic(i, [rtt] * rng.randint(1, 4), rng.choice([0, 0, 0, 1, 3]))
+        cur = host.snap()
+        w = Window(prev, cur)
+        want = scalar.choose(budget.peer_inputs(w, sorted(names.items())), fit)
+        got = vector.choose(budget.candidates(w, cur.peers, fit, vector.holding()), fit)
+        assert labels(got) == labels(want) and got.folded == want.folded
+        assert [p.retrans for p in got.exported] == [p.retrans for p in want.exported]
+        for g, s in zip(got.exported, want.exported, strict=True):
+            assert g.quantiles == pytest.approx(s.quantiles)
+        assert vector.held == scalar.held
+        prev = cur

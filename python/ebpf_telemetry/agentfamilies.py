@@ -17,7 +17,7 @@ from ebpf_telemetry.families import counter, gauge
 from ebpf_telemetry.loader import Running
 from ebpf_telemetry.naming import Source
 from ebpf_telemetry.peertable import REPAIR_KINDS
-from ebpf_telemetry.snapshot import HOST, Window
+from ebpf_telemetry.snapshot import Window
 from ebpf_telemetry.values import EVENT_TYPES
 
 
@@ -61,7 +61,7 @@ def families(a: AgentView, w: Window) -> Iterator[Metric]:
     for kind in REPAIR_KINDS:
         repairs.add_metric([n, kind], a.repairs[kind])
     yield repairs
-    in_use = sum(1 for i, label in w.cur.peers.items() if i != HOST and label != "other")
+    in_use = w.cur.peers_in_use()
     for name, value in (
         ("ebpf_peers", float(in_use)),
         ("ebpf_peers_max", float(w.cur.max_peers)),

@@ -17,18 +17,27 @@ price: a newly bad peer waits for a slot while every slot is held, at most
 `hold` intervals.
 
 Pure: no kernel, no prometheus_client. The collector (metrics.py) owns one
-Budget; peer_inputs() is the one place the per-peer inputs are computed.
+Budget. candidates() computes the inputs from the window's arrays at once
+(numpy, no Python loop over every peer: 16,384 of them fit): the ranking
+keys of every peer, then PeerInputs only for those the choice can take (the
+best `fit` and their ties, the held ones with traffic); idle peers are listed
+only when fewer than `fit` have traffic. peer_inputs() is the scalar
+definition (one peer at a time), kept for tests and small tables.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import structlog
 
-from ebpf_telemetry.snapshot import Window
+from ebpf_telemetry.config import RESERVED_PEER
+from ebpf_telemetry.snapshot import HOST, Window
 
 log = structlog.get_logger("budget")
 
@@ -68,6 +77,104 @@ def peer_inputs(w: Window, peers: Iterable[tuple[int, str]]) -> list[PeerInput]:
     ]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The peers that may get series: `inputs` (peers with traffic, at least
+    every one the choice can take), idle(n) the first n idle peers by label
+    (they rank last, by label), `total` every candidate."""
+
+    inputs: list[PeerInput]
+    idle: Callable[[int], list[PeerInput]]
+    total: int
+
+    @staticmethod
+    def of(inputs: Sequence[PeerInput]) -> Candidates:
+        idle = sorted((p for p in inputs if not p.active), key=lambda p: p.label)
+        return Candidates([p for p in inputs if p.active], lambda n: idle[:n], len(inputs))
+
+
+def _idle(node: int, label: str) -> PeerInput:
+    return PeerInput(node, label, 0, (None,) * len(WINDOW_QUANTILES))
+
+
+def candidates(
+    w: Window, peers: Mapping[int, str], fit: int, held: Mapping[str, int]
+) -> Candidates:
+    """peer_inputs() of the peers (node id -> label: the host and an `other`
+    that never counted are no candidates) from the window's arrays, as
+    Budget.choose() needs them with `fit` places and `held` (label -> node id
+    of the peers holding a place)."""
+    ids = _candidate_ids(w, peers)
+    counted = w.retransmits()
+    retrans = np.zeros(len(ids), dtype=np.int64)
+    inside = ids < len(counted)  # ids past the rows: never counted
+    retrans[inside] = counted[ids[inside]]
+    quant = np.full((len(ids), len(WINDOW_QUANTILES)), np.nan)
+    q_ids, q = w.rtt_quantiles_all(WINDOW_QUANTILES)
+    pos = np.searchsorted(q_ids, ids)
+    pos = np.minimum(pos, max(len(q_ids) - 1, 0))
+    found = q_ids[pos] == ids if len(q_ids) else np.zeros(len(ids), dtype=np.bool_)
+    quant[found] = q[pos[found]]
+    active = (retrans > 0) | ~np.isnan(quant[:, 0])
+    take = _best(retrans, quant[:, -1], active, fit) | _held(ids, peers, held, active)
+    inputs = [
+        PeerInput(int(i), peers[int(i)], int(r), tuple(None if math.isnan(v) else v for v in qs))
+        for i, r, qs in zip(ids[take], retrans[take], quant[take].tolist(), strict=True)
+    ]
+    idle_ids = ids[~active]
+
+    def idle(n: int) -> list[PeerInput]:
+        first = heapq.nsmallest(n, ((peers[i], i) for i in idle_ids.tolist()))
+        return [_idle(i, label) for label, i in first]
+
+    return Candidates(inputs, idle, len(ids))
+
+
+def _candidate_ids(w: Window, peers: Mapping[int, str]) -> npt.NDArray[np.int64]:
+    """Peer ids, sorted: all but the host, and `other` only once it counted."""
+    ids = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
+    ids = np.sort(ids[ids != HOST])
+    other = w.cur.max_peers + 1
+    if peers.get(other) == RESERVED_PEER:
+        m = w.cur.node(other)
+        if not (m.rtt_count or m.retrans_count):
+            ids = ids[ids != other]
+    return ids
+
+
+def _best(
+    retrans: npt.NDArray[np.int64],
+    p99: npt.NDArray[np.float64],
+    active: npt.NDArray[np.bool_],
+    fit: int,
+) -> npt.NDArray[np.bool_]:
+    """The active peers among the first `fit` by rank_key, with every peer
+    tied with the last of them (the label, the last key, decides among those)."""
+    if active.sum() <= fit:
+        return active.copy()
+    if fit <= 0:
+        return np.zeros(len(active), dtype=np.bool_)
+    r = np.where(active, -retrans.astype(np.float64), np.inf)
+    p = np.where(np.isnan(p99), np.inf, -p99)
+    last = np.lexsort((p, r))[fit - 1]
+    best: npt.NDArray[np.bool_] = active & ((r < r[last]) | ((r == r[last]) & (p <= p[last])))
+    return best
+
+
+def _held(
+    ids: npt.NDArray[np.int64],
+    peers: Mapping[int, str],
+    held: Mapping[str, int],
+    active: npt.NDArray[np.bool_],
+) -> npt.NDArray[np.bool_]:
+    """The active peers that hold a place (by label: an id may have been reused)."""
+    want = [i for label, i in held.items() if peers.get(i) == label]
+    if len(want) < len(held):  # a held peer under another id now: rare
+        labels = set(held)
+        want = [i for i, label in peers.items() if label in labels]
+    return active & np.isin(ids, np.array(want, dtype=np.int64))
+
+
 def samples_per_peer(detail: str, peer_les: int) -> int:
     """Samples one exported peer can take (the most: quantiles are absent in an
     interval without samples). peer_les: the `le` edges of ebpf_tcp_rtt_seconds."""
@@ -104,6 +211,7 @@ class Budget:
     def __init__(self, hold: int, detail: str) -> None:
         self.hold, self.detail = hold, detail
         self.held: dict[str, int] = {}  # exported peer label -> intervals of hold left
+        self.ids: dict[str, int] = {}  # exported peer label -> its node id
         self.folding = False
 
     def configure(self, hold: int, detail: str) -> None:
@@ -111,9 +219,16 @@ class Budget:
             self.held.clear()
         self.hold, self.detail = hold, detail
 
-    def choose(self, inputs: Sequence[PeerInput], fit: int) -> Choice:
+    def holding(self) -> dict[str, int]:
+        """label -> node id of the peers holding a place (for candidates())."""
+        return {label: self.ids[label] for label, left in self.held.items() if left > 0}
+
+    def choose(self, inputs: Sequence[PeerInput] | Candidates, fit: int) -> Choice:
         """The peers to export this interval (at most fit), and updates the holds."""
-        ranked = sorted(inputs, key=rank_key)
+        c = inputs if isinstance(inputs, Candidates) else Candidates.of(inputs)
+        ranked = sorted(c.inputs, key=rank_key)
+        if len(ranked) < fit:  # idle peers rank last, by label
+            ranked += c.idle(fit - len(ranked))
         ranks_in = {p.label for p in ranked[:fit]}
         kept = [p for p in ranked if p.active and self.held.get(p.label, 0) > 0][:fit]
         kept_labels = {p.label for p in kept}
@@ -122,7 +237,8 @@ class Budget:
         self.held = {
             p.label: self.hold if p.label in ranks_in else self.held[p.label] - 1 for p in chosen
         }
-        folded = len(inputs) - len(chosen)
+        self.ids = {p.label: p.node for p in chosen}
+        folded = c.total - len(chosen)
         self._note(folded, len(chosen), fit)
         return Choice(sorted(chosen, key=lambda p: p.node), folded)
 

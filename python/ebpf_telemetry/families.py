@@ -69,7 +69,7 @@ METRICS = _defs(
         ("node",),
         "TCP smoothed RTT of all this host's peers together, at every kernel bucket edge in "
         "rtt_bucket_range_seconds: for percentiles across a fleet.",
-        "rtt_host_hist_map (log2x8 slots, le: all edges), node_metrics_map[0].rtt_sum",
+        "rtt_host_hist_map (log2x8 slots, le: all edges), host_metrics_map.rtt_sum",
     ),
     MetricDef(
         "ebpf_tcp_rtt_window_seconds",

@@ -7,16 +7,37 @@ pinned.py, which checks its layout first.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Self
 
 import numpy as np
+import numpy.typing as npt
 
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import STATS, Hist, NodeMetrics
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ebpf_telemetry"
+
+
+class SeenTimes(Mapping[int, int]):
+    """peer_seen_map as read: node id -> time, for the ids that have one;
+    `array` holds every id's (0: none), for use without a loop over the ids."""
+
+    def __init__(self, array: npt.NDArray[np.uint64]) -> None:
+        self.array = array
+        self._ids = np.flatnonzero(array)
+
+    def __getitem__(self, node: int) -> int:
+        if not 0 <= node < len(self.array) or not self.array[node]:
+            raise KeyError(node)
+        return int(self.array[node])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class Pins:
@@ -95,11 +116,9 @@ class Pins:
         row[0] += n
         m.update(key, row)
 
-    def seen(self) -> dict[int, int]:
+    def seen(self) -> SeenTimes:
         """node id -> last activity (or retirement), CLOCK_BOOTTIME ns, where known."""
-        times = self["peer_seen_map"].mapped().view(np.uint64).copy()
-        ids = np.flatnonzero(times)
-        return dict(zip(ids.tolist(), times[ids].tolist(), strict=True))
+        return SeenTimes(self["peer_seen_map"].mapped().view(np.uint64).copy())
 
     def zero_node(self, node_id: int) -> None:
         """Reset one node's counters (its id is given to another peer)."""

@@ -108,10 +108,8 @@ class TelemetryCollector(Collector):
     def update(self, window: Window, collect_seconds: float) -> None:
         """A new interval: the zones' counts and the peers the budget exports."""
         self.collect_seconds = collect_seconds
-        self.zone_totals.add(window, self.zones.by_id(window.cur.peers))
-        labels = dict(self._peers(window))
-        inputs = budget.peer_inputs(window, ((i, lb["peer"]) for i, lb in labels.items()))
-        unchosen = Export(window, budget.Choice([], 0), labels, [], self.detail, self.peer_buckets)
+        self.zone_totals.add(window, self._zone_of(window))
+        unchosen = Export(window, budget.Choice([], 0), {}, [], self.detail, self.peer_buckets)
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
         most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.peer_buckets)
         zones = list(
@@ -120,7 +118,10 @@ class TelemetryCollector(Collector):
         unchosen = replace(unchosen, zones=zones)
         always = others + count_samples(zones)
         per_peer = budget.samples_per_peer(self.detail, len(self.peer_buckets.les))
-        choice = self.budget.choose(inputs, budget.room(self.max_series, always, per_peer))
+        fit = budget.room(self.max_series, always, per_peer)
+        peers = budget.candidates(window, window.cur.peers, fit, self.budget.holding())
+        choice = self.budget.choose(peers, fit)
+        unchosen = replace(unchosen, labels=self._labels(choice))
         self.export = replace(unchosen, choice=choice)
         self._note_over(always)
 
@@ -155,14 +156,24 @@ class TelemetryCollector(Collector):
         yield from self._budget_gauges(e.choice)
         yield from agent_families(self, e.window)
 
-    def _peers(self, w: Window) -> Iterator[tuple[int, dict[str, str]]]:
-        """Candidates for per-peer series, with their labels: every named or
-        allocated id, `other` once anything counted there."""
+    def _zone_of(self, w: Window) -> dict[int, str]:
+        """node id -> peer zone, of the ids ZoneTotals.add() needs: none when
+        no peer has a zone, after the first interval only those that moved."""
+        if not self.zones.peers:
+            return {}
+        moved = w.moved() if self.zone_totals.started else None
+        if moved is None:
+            return self.zones.by_id(w.cur.peers)
+        peers = w.cur.peers
+        return self.zones.by_id({i: peers[i] for i in moved.tolist() if i in peers})
+
+    def _labels(self, choice: budget.Choice) -> dict[int, dict[str, str]]:
+        """node id -> node, peer, peer_zone of the exported peers."""
         n, zone = self.node_name, self.zones.of
-        for node, label in sorted(w.cur.peers.items()):
-            m = w.cur.node(node)
-            if node != HOST and (label != "other" or m.rtt_count or m.retrans_count):
-                yield node, {"node": n, "peer": label, "peer_zone": zone(label)}
+        return {
+            p.node: {"node": n, "peer": p.label, "peer_zone": zone(p.label)}
+            for p in choice.exported
+        }
 
     def _host_rtt(self, w: Window) -> Iterator[Metric]:
         n = self.node_name

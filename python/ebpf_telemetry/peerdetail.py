@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from prometheus_client.core import Metric
 
+from ebpf_telemetry import noderows
 from ebpf_telemetry.budget import WINDOW_QUANTILES, PeerInput
 from ebpf_telemetry.families import US, Buckets, add_histogram, counter, histogram, summary
 from ebpf_telemetry.snapshot import Window
@@ -37,15 +38,16 @@ def families(
             m = w.cur.node(p.node)
             add_histogram(hist, labels[p.node], buckets, w.cur.hist(p.node), m.rtt_sum * US)
         yield hist
-    else:
+    rows = w.cur.metric_array()[[p.node for p in peers]]  # their counters, at once
+    if detail != "histogram":
         samples = counter("ebpf_tcp_rtt_samples_total")
-        for p in peers:
-            samples.add_metric(list(labels[p.node].values()), w.cur.node(p.node).rtt_count)
+        for p, count in zip(peers, rows[:, noderows.RTT_COUNT].tolist(), strict=True):
+            samples.add_metric(list(labels[p.node].values()), count)
         yield samples
     yield _window(peers, labels, SHOWN[detail])
     retrans = counter("ebpf_tcp_retransmits_total")
-    for p in peers:
-        retrans.add_metric(list(labels[p.node].values()), w.cur.node(p.node).retrans_count)
+    for p, count in zip(peers, rows[:, noderows.RETRANS].tolist(), strict=True):
+        retrans.add_metric(list(labels[p.node].values()), count)
     yield retrans
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from ebpf_telemetry.binding import TelemetryError, ffi, lib
 from ebpf_telemetry.config import RESERVED_PEER, Config
-from ebpf_telemetry.maps import Pins
+from ebpf_telemetry.maps import Pins, SeenTimes
 from ebpf_telemetry.nodes import peer_key, prefix_mask
 
 # how long a program that read the old table may still be running: BPF
@@ -203,7 +203,7 @@ def _bump_generation(pins: Pins, cfg: Config) -> None:
 # -- automatic peers that come and go ---------------------------------------------------
 
 
-def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now: int) -> int:
+def expire(pins: Pins, cfg: Config, active: set[int], seen: Mapping[int, int], now: int) -> int:
     """One step of the automatic peers' life, each agent cycle; `active`:
     the ids whose counters moved in the last interval, `seen`: peer_seen_map
     as the cycle's snapshot read it, `now`: now_ns(). Returns ids retired.
@@ -223,7 +223,9 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: dict[int, int], now:
     idle_ns, grace_ns = int(cfg.peer_idle_seconds * 1e9), int(GRACE_SECONDS * 1e9)
     flags = flags_of(pins)[: cfg.max_peers + 1]
     last = np.zeros(len(flags), dtype=np.int64)
-    if seen:
+    if isinstance(seen, SeenTimes):
+        last[:] = seen.array[: len(last)].astype(np.int64)
+    elif seen:
         known = np.fromiter(seen.keys(), dtype=np.int64, count=len(seen))
         inside = known < len(last)
         last[known[inside]] = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))[inside]
@@ -345,7 +347,9 @@ class Checker:
         pool = pins["peer_free_map"]
         drained = pool.drain()
         time.sleep(GRACE_SECONDS)
-        used = set(np.flatnonzero(flags_of(pins)[1 : cfg.max_peers + 1]) + 1) | set(owners(pins))
+        flags = flags_of(pins)
+        addrs, beyond = owner_counts(pins, len(flags))
+        used = set(np.flatnonzero((flags != 0) | (addrs > 0)).tolist()) | beyond
         counts = Counter(drained)
         keep = [i for i in dict.fromkeys(drained) if 1 <= i <= cfg.max_peers and i not in used]
         missing = [i for i in range(1, cfg.max_peers + 1) if i not in used and i not in counts]

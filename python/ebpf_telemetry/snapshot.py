@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ebpf_telemetry import cputime, noderows, programs
+from ebpf_telemetry.config import RESERVED_PEER
 from ebpf_telemetry.cputime import CpuTime
 from ebpf_telemetry.histogram import quantiles_rows
 from ebpf_telemetry.maps import Pins
@@ -38,7 +39,7 @@ class Snapshot:
     drops: dict[int, int]  # enum skb_drop_reason value -> count
     cpu: CpuTime
     misses: dict[str, int]  # program -> runs the kernel skipped (recursion_misses)
-    seen: dict[int, int]  # node id -> last activity, CLOCK_BOOTTIME ns (automatic peers)
+    seen: Mapping[int, int]  # node id -> last activity, CLOCK_BOOTTIME ns (automatic peers)
     boottime_ns: int  # when read, on the clock of `seen`
     max_peers: int
 
@@ -48,11 +49,17 @@ class Snapshot:
     def node(self, node: int) -> NodeMetrics:
         return self.metrics.get(node) or NodeMetrics()
 
+    def peers_in_use(self) -> int:
+        """Peers with an id (the host and `other`, id max_peers + 1, not counted)."""
+        other = self.max_peers + 1
+        return len(self.peers) - (HOST in self.peers) - (self.peers.get(other) == RESERVED_PEER)
+
     def metric_array(self) -> npt.NDArray[np.uint64]:
         """Every node's struct node_metrics words, one row per node id."""
         if isinstance(self.metrics, noderows.MetricRows):
             return self.metrics.array
-        return _metric_array(self.metrics, max(self.metrics, default=0) + 1)
+        nodes = max(max(self.metrics, default=0) + 1, self.max_peers + 2)  # as the map's rows
+        return _metric_array(self.metrics, nodes)
 
 
 def _metric_array(metrics: Mapping[int, NodeMetrics], nodes: int) -> npt.NDArray[np.uint64]:
@@ -192,6 +199,21 @@ class Window:
         d = self.deltas[ids]
         means = d[:, noderows.RTT_SUM] / np.maximum(d[:, noderows.RTT_COUNT], 1)
         return ids, quantiles_rows(rows, qs, means)
+
+    def moved(self) -> npt.NDArray[np.int64] | None:
+        """The node ids whose RTT or retransmit counts (or histogram rows)
+        moved in this window, sorted; None: not known without looking at
+        every node (snapshots not read one after the other by a reader)."""
+        cur = self.cur.hists
+        if not self._follows or not isinstance(cur, noderows.HistRows):
+            return None
+        d = self.deltas[:, [noderows.RTT_COUNT, noderows.RTT_SUM, noderows.RETRANS]]
+        ids = np.flatnonzero(d.any(axis=1) | self.owner_changed)
+        return np.union1d(ids, cur.ids.astype(np.int64)).astype(np.int64)
+
+    def hist_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+        """The window's histogram slots of ids (not the host), one row each."""
+        return self._window_rows(ids)
 
     def _window_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
         cur = self.cur.hists

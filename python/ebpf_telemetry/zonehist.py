@@ -2,7 +2,7 @@
 zone (`ebpf_zone_tcp_rtt_seconds`, `ebpf_zone_tcp_retransmits_total`).
 
 Every sample counts in exactly one zone. The kernel counts each RTT sample
-and retransmit in node 0 (rtt_host_hist_map, node_metrics_map[0]) and, if the
+and retransmit in node 0 (rtt_host_hist_map, host_metrics_map) and, if the
 socket has a peer id, in that peer's row: node 0 holds everything, the peer
 rows a part. A zone is the sum of the rows of its peers; peer_zone="" (the
 EMPTY_ZONE) is node 0 minus the zoned peers: peers without a zone, `other`,
@@ -30,12 +30,15 @@ is, whatever the per-peer budget leaves out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client.core import Metric
 
+from ebpf_telemetry import noderows
 from ebpf_telemetry.families import US, Buckets, add_histogram, counter, histogram
+from ebpf_telemetry.histogram import MAX_SLOTS
 from ebpf_telemetry.snapshot import HOST, Window
 from ebpf_telemetry.values import Hist, NodeMetrics
 
@@ -75,13 +78,17 @@ class ZoneTotals:
         self.debt = Totals()  # counted in zoned peers beyond node 0's growth: owed by ""
         self.started = False
 
-    def add(self, w: Window, zone_of: dict[int, str]) -> None:
+    def add(self, w: Window, zone_of: Mapping[int, str]) -> None:
         """One interval (the whole maps at the first): zone_of maps node id ->
-        peer zone ("" none) for the ids of w.cur."""
+        peer zone ("" none) for the ids of w.cur (after the first interval
+        the ids of w.moved() are enough, when known)."""
         hist: Callable[[int], Hist] = w.hist if self.started else w.cur.hist
         node: Callable[[int], NodeMetrics] = w.node if self.started else w.cur.node
-        self.started = True
         zoned = Totals()
+        if self.started and w.moved() is not None:
+            self._add_rows(w, zone_of, zoned)
+            zone_of = {}
+        self.started = True
         for i, zone in zone_of.items():
             if i == HOST or zone == EMPTY_ZONE:
                 continue
@@ -90,6 +97,27 @@ class ZoneTotals:
                 self.zones.setdefault(zone, Totals()).add(h, m)
                 zoned.add(h, m)
         self._rest(hist(HOST), node(HOST), zoned)
+
+    def _add_rows(self, w: Window, zone_of: Mapping[int, str], zoned: Totals) -> None:
+        """add() of an interval from the window's arrays: each zone's rows
+        summed at once (np.add.at over a zone index), no loop over peers."""
+        pairs = [(i, z) for i, z in zone_of.items() if i != HOST and z != EMPTY_ZONE]
+        if not pairs:
+            return
+        ids = np.array([i for i, _ in pairs], dtype=np.int64)
+        names = sorted({z for _, z in pairs})
+        index = np.array([names.index(z) for _, z in pairs], dtype=np.int64)
+        rows = np.zeros((len(names), MAX_SLOTS), dtype=np.uint64)
+        np.add.at(rows, index, w.hist_rows(ids))
+        d = w.deltas[ids]
+        words = np.zeros((len(names), 2), dtype=np.uint64)
+        np.add.at(words, index, d[:, [noderows.RTT_SUM, noderows.RETRANS]])
+        for j, zone in enumerate(names):
+            h = Hist(tuple(rows[j].tolist()))
+            m = NodeMetrics(rtt_sum=int(words[j, 0]), retrans_count=int(words[j, 1]))
+            if h.count or m.rtt_sum or m.retrans_count:
+                self.zones.setdefault(zone, Totals()).add(h, m)
+                zoned.add(h, m)
 
     def _rest(self, host: Hist, hm: NodeMetrics, zoned: Totals) -> None:
         """peer_zone="" gets node 0's interval less the zoned peers' (and the debt)."""
