@@ -72,6 +72,8 @@ COUNTERS = {
     "ebpf_events_lost_total",
     "ebpf_peers_overflow_total",
     "ebpf_bpf_misses_total",
+    "ebpf_tcp_rtt_samples_total",
+    "ebpf_zone_tcp_retransmits_total",
 }
 GAUGES = {
     "ebpf_rtt_p50_milliseconds",
