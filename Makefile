@@ -24,7 +24,7 @@ APT_BENCH := sockperf bpftrace libbpf-tools
 APT_KERNELS := qemu-system-x86 busybox-static kmod udev
 VIRTME_NG := virtme-ng==1.42
 
-.PHONY: all build deps deps-test deps-bench deps-kernels mounts run test test-kernels lint bench soak clean vmlinux docs
+.PHONY: all build deps deps-test deps-bench deps-kernels mounts run test test-kernels lint bench bench-fleet soak clean vmlinux docs
 
 all: build
 
@@ -106,11 +106,17 @@ test-kernels: build deps-kernels mounts
 lint: build
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
+	MYPYPATH=tests $(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
 
 # what it costs, against the floor, bpftrace and libbpf-tools (prints a table)
-bench: build deps-bench mounts
+bench: build deps-bench deps-test mounts
 	$(VENV)/bin/python bench/run.py --out bench-results/bench.json
+
+# the fleet part of `make bench` alone: F synthetic nodes exported by the real
+# collector to one real Prometheus (pure userspace, no kernel hooks; niced)
+FLEET_ARGS ?=
+bench-fleet: build deps-test
+	nice -n 10 $(PY) bench/fleet.py --out bench-results/fleet.json $(FLEET_ARGS)
 
 docs: build
 	$(PY) -m ebpf_telemetry.metrics > docs/metrics.md

@@ -7,12 +7,15 @@ Measures, each in the same run as its comparison:
  3. one userspace collection cycle at 1/64/255 peers for each rtt_buckets value
     (read / compute / format / write), the agent's RSS and CPU; PromQL's
     accuracy per rtt_buckets value; kernel map memory at 64 and 256 CPUs;
- 4. the event rate the `events` CLI drains at sample_rate 1 without loss.
+ 4. the event rate the `events` CLI drains at sample_rate 1 without loss;
+ 5. a fleet of F synthetic nodes exported by the real collector to one real
+    Prometheus (fleet.py; `make bench-fleet` runs it alone).
 Prints a table and writes the same figures as JSON. Leaves nothing attached:
 every pin dir is /sys/fs/bpf/ebt-bench-<pid>-<part> and is unloaded after use.
 
-    bench/run.py [--out PATH] [--quick] [--only hooks|ablation|latency|userspace|events]
-Needs root, the built object, sockperf, bpftrace, libbpf-tools (runqlat), clang.
+    bench/run.py [--out PATH] [--quick] [--only hooks|ablation|latency|userspace|events|fleet]
+Needs root, the built object, sockperf, bpftrace, libbpf-tools (runqlat), clang,
+prometheus.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import ablation
 import bigtable
 import eventstream
 import export
+import fleet
 import hooks
 import latency
 import layoutcost
@@ -58,10 +62,11 @@ class Plan:
     agent_warmup: float
     stream_seconds: float
     stream_rates: tuple[int, ...]
+    fleet_cases: tuple[fleet.Case, ...] = fleet.CASES
 
 
 FULL = Plan(20, 8, 3, 50, 60, 8, 3, (2000, 5000, 10000, 20000, 50000, 100000))
-QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000))
+QUICK = Plan(5, 2, 2, 10, 12, 3, 2, (2000, 20000), fleet.QUICK_CASES)
 PEER_COUNTS = (1, 64, 255)
 BIG_COUNTS = (1024, 4096, 16384)
 
@@ -298,12 +303,20 @@ def run_stream(r: Report, plan: Plan) -> None:
     r.target_min("event stream (CLI drain)", cli / 1000 if cli else None, "k/s", 200.0)
 
 
+def run_fleet(r: Report, plan: Plan) -> None:
+    # pure userspace, last: niced from here on (Prometheus inherits it)
+    os.nice(10)
+    fleet.quiet_logs()
+    fleet.run(r, plan.fleet_cases)
+
+
 PARTS = {
     "hooks": run_hooks,
     "ablation": run_ablation,
     "latency": run_latency,
     "userspace": run_userspace,
     "events": run_stream,
+    "fleet": run_fleet,
 }
 
 

@@ -99,11 +99,13 @@ METRICS = _defs(
         "ebpf_zone_tcp_rtt_seconds",
         "histogram",
         ("node", "zone", "peer_zone"),
-        "TCP smoothed RTT of this node (zone: its own) towards each peer zone, at the "
-        'rtt_buckets edges; peer_zone="" holds every sample of a peer without a zone, of '
-        "`other` and not attributed to a peer: the zones sum to ebpf_node_tcp_rtt_seconds.",
+        "TCP smoothed RTT of this node (zone: its own) towards each peer zone, at every "
+        'kernel edge in rtt_bucket_range_seconds (as the host); peer_zone="" holds every '
+        "sample of a peer without a zone, of `other` and not attributed to a peer: the "
+        "zones sum to ebpf_node_tcp_rtt_seconds.",
         "rtt_hist_map rows of the peers of each zone, the rest of rtt_host_hist_map; "
-        "node_metrics_map.rtt_sum (the agent adds each interval's difference)",
+        "node_metrics_map.rtt_sum, host_metrics_map.rtt_sum (the agent adds each interval's "
+        "difference)",
     ),
     MetricDef(
         "ebpf_zone_tcp_retransmits_total",

@@ -111,9 +111,9 @@ class TelemetryCollector(Collector):
         self.zone_totals.add(window, self._zone_of(window))
         unchosen = Export(window, budget.Choice([], 0), {}, [], self.detail, self.peer_buckets)
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
-        most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.peer_buckets)
+        most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.host_buckets)
         zones = list(
-            self.zone_totals.families(self.node_name, self.zones.own, self.peer_buckets, most)
+            self.zone_totals.families(self.node_name, self.zones.own, self.host_buckets, most)
         )
         unchosen = replace(unchosen, zones=zones)
         always = others + count_samples(zones)
@@ -231,7 +231,7 @@ def minimum_series(host: Buckets, peer: Buckets) -> int:
     (more zones than fit are shown within peer_zone="": zonehist.py), the
     agent's, and RUNTIME_RESERVE."""
     n_host = 2 + len(host.les) + 3 + len(RUNQ_BUCKETS.les) + 3 + 1
-    n_zones = ZoneTotals.samples_per_zone(peer)
+    n_zones = ZoneTotals.samples_per_zone(host)  # zones have every edge, as the host
     view = _MinimumView()
     n_agent = count_samples(agent_families(view, _idle_window())) + 1 + 2  # sync, budget gauges
     return n_host + n_zones + n_agent + RUNTIME_RESERVE
