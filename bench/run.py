@@ -81,7 +81,7 @@ def run_hooks(r: Report, plan: Plan) -> None:
     rtt, floor, bt = (h.ns("tcp_probe", w) for w in ("ours", "empty", "bpftrace"))
     r.target("tcp_probe / empty floor", ratio(rtt, floor), "x", 2.0)
     r.target("tcp_probe / bpftrace", ratio(rtt, bt), "x", 0.5)
-    for hook in ("sched_wakeup", "sched_switch"):
+    for hook in ("sched_switch",):  # ours hooks no wakeup (sched.bpf.h)
         r.target(f"{hook} / runqlat", ratio(h.ns(hook, "ours"), h.ns(hook, "runqlat")), "x", 0.5)
 
 

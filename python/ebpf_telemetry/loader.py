@@ -34,6 +34,10 @@ log = structlog.get_logger("loader")
 # pinned by earlier releases; unload removes them (cpu_time_map: CPU time is
 # read from /proc/stat since 0.2, cputime.py says why)
 LEGACY_PINS = ("peer_alloc_map", "cpu_time_map")
+# links of tracepoints earlier releases hooked (sched: the wakeups, until 0.2
+# read the run queue's clock at sched_switch); removed once the collector
+# that replaced them is attached, and by unload
+LEGACY_LINKS = {"sched": ("sched_wakeup", "sched_wakeup_new")}
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,7 @@ def attach(cfg: Config, kernel: KernelFacts | None = None, renew: bool = False) 
                 _attach_one(obj, h, cfg.pin_dir)
             out[ch.name] = Running(ch.name, ch.variant.name, state, ch.why)
             log.info(state, collector=ch.name, variant=ch.variant.name)
+            _remove_legacy_links(cfg.pin_dir, ch.name)
     return [out[c.name] for c in plan.COLLECTORS]
 
 
@@ -220,6 +225,14 @@ def _remove_stray_links(pin_dir: str) -> None:
             if os.path.lexists(stray):
                 os.unlink(stray)
                 log.warning("stray link removed (an interrupted upgrade)", link=stray)
+
+
+def _remove_legacy_links(pin_dir: str, collector: str) -> None:
+    """Detach what an earlier release of this collector hooked and this one does not."""
+    for tp in LEGACY_LINKS.get(collector, ()):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link_path(pin_dir, tp))
+            log.info("legacy link removed", collector=collector, link=tp)
 
 
 def _program(obj: Any, name: str) -> Any:
@@ -262,6 +275,7 @@ def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
 def our_pins() -> list[str]:
     """Every name we pin under a pin dir (links, maps, pins of earlier releases)."""
     tps = [tp for c in plan.COLLECTORS for tp in c.tracepoints]
+    tps += [tp for legacy in LEGACY_LINKS.values() for tp in legacy]
     return [*(f"links/{tp}{s}" for tp in tps for s in ("", "-new")), *MAPS, *LEGACY_PINS]
 
 

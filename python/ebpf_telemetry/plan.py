@@ -99,13 +99,18 @@ OBJECT_NEEDS = (
     Feature("map_type", "PERCPU_HASH", "4.6"),  # drops of subsystem reasons
     Feature("map_type", "QUEUE", "4.20"),  # the free automatic peer ids
     Feature("map_type", "SK_STORAGE", "5.2"),
-    Feature("map_type", "TASK_STORAGE", "5.11"),
     Feature("helper", "ringbuf_query", "5.8"),
     Feature("helper", "ktime_get_ns", "4.1"),
 )
 SK_STORAGE_GET = Feature("helper", "sk_storage_get", "5.11")  # from tracing programs
-# the helper exists from 5.11 (LSM); tracing programs may call it from 5.13
-TASK_STORAGE_GET = Feature("helper", "task_storage_get", "5.13")
+# sched: the run queue's clock via next->se.cfs_rq->rq (CO-RE; a kernel
+# without these fields rejects the load, and the collector is skipped)
+RQ_FIELDS = Feature(
+    "bpf",
+    "task_struct.se.cfs_rq->rq and sched_info.last_queued "
+    "(CONFIG_FAIR_GROUP_SCHED, CONFIG_SCHED_INFO)",
+    "2.6.24",
+)
 SOCK = "struct sock *"
 SKB = "struct sk_buff *"
 TASK = "struct task_struct *"
@@ -119,16 +124,7 @@ SYNACK = Hook(
 KFREE_SKB = _tp("kfree_skb", "4.16", SKB, "void *")
 KFREE_SKB_REASON = _tp("kfree_skb", "5.17", SKB, "void *", "enum skb_drop_reason")
 
-WAKEUPS = (
-    _same("sched_wakeup", _tp("sched_wakeup", "4.16", TASK)),
-    Hook("sched_wakeup_new", "sched_wake_new", _tp("sched_wakeup_new", "4.16", TASK)),
-)
 SWITCH = _tp("sched_switch", "4.16", "bool", TASK, TASK)
-SWITCH_STATE = Hook(
-    "sched_switch",
-    "sched_switch_st",
-    _tp("sched_switch", "5.18", "bool", TASK, TASK, "unsigned int"),
-)
 
 COLLECTORS = (
     Collector(
@@ -170,15 +166,7 @@ COLLECTORS = (
     ),
     Collector(
         "sched",
-        (
-            Variant("tp_btf_state", (*WAKEUPS, SWITCH_STATE), (TASK_STORAGE_GET,)),
-            Variant(
-                "tp_btf",
-                (*WAKEUPS, _same("sched_switch", SWITCH)),
-                (TASK_STORAGE_GET,),
-                "nothing: a preempted task is told by its own state field, as runqlat does",
-            ),
-        ),
+        (Variant("rq_clock", (_same("sched_switch", SWITCH),), (RQ_FIELDS,)),),
     ),
 )
 BY_NAME = {c.name: c for c in COLLECTORS}
