@@ -51,7 +51,9 @@ def retrans_counters(ns: Netns) -> tuple[int, int]:
 
 
 @pytest.mark.matrix
-@pytest.mark.parametrize("forced", [None, "tracepoint:tcp_retransmit_skb:2"])
+@pytest.mark.parametrize(
+    "forced", [pytest.param(None, marks=pytest.mark.smoke), "tracepoint:tcp_retransmit_skb:2"]
+)
 def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> None:
     # forced: the program for kernels whose tracepoint passes no `err` (and
     # fires only for retransmits that went out); on a kernel that does pass
@@ -133,6 +135,7 @@ def drop_delta(pins: Pins, d0: dict[str, int], reason: str) -> int:
     return drops_by_name(pins).get(reason, 0) - d0.get(reason, 0)
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_drops_no_socket(drop_lab: Any) -> None:
     a, _, veth, pins = drop_lab
@@ -268,6 +271,7 @@ def runqlat_window(pins: Pins, seconds: float, busy: int) -> tuple[float, Sleepe
     return p50, sl, Seen([us for _, us in mine], sum(1 for ts, _ in mine if ts <= sl.before_ns))
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_runqueue_latency_equals_schedstat(make_config: Any) -> None:
     """The sleeper's events are its schedstat arrivals, one for one, each the

@@ -130,6 +130,7 @@ def log_records(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_doctor_says_what_run_does(pin_dir: str, tmp_path: Path) -> None:
     require_kernel()
