@@ -151,6 +151,16 @@ COLLECTORS = (
                 (SK_STORAGE_GET,),
                 "nothing: these kernels fire the tracepoint only for retransmits that went out",
             ),
+            # before 5.11 the helper exists but tracing programs may not call
+            # it: BTF cannot tell, the verifier's rejection of `tp_btf` can
+            # (the loader then takes the next variant)
+            Variant(
+                "tp_btf_nosk",
+                (Hook("tcp_retransmit_skb", "retrans_skb_nosk", TCP_RETRANSMIT), SYNACK),
+                (),
+                "nothing: the peer is looked up in the tables for each retransmit "
+                "(no socket cache)",
+            ),
         ),
     ),
     Collector(
@@ -171,12 +181,27 @@ COLLECTORS = (
 )
 BY_NAME = {c.name: c for c in COLLECTORS}
 
+# The oldest kernel `make test-kernels` boots on which each collector passed
+# its tests (tests/kernel_matrix.py; update with the matrix): "supported" from
+# there. Older kernels whose BTF has the features are "expected", not booted.
+PROVED = {"rtt": "6.1", "retrans": "6.1", "drops": "6.1", "sched": "6.1"}
+
 
 @dataclass(frozen=True)
 class Choice:
     collector: Collector
     variant: Variant | None  # None: skipped
     why: str = ""  # skipped: what the kernel lacks; degraded: what the variant loses
+    # the later variants the facts allow too: the loader tries them in turn
+    # when the kernel rejects `variant` (what BTF cannot show)
+    rest: tuple[Variant, ...] = ()
+
+    def candidates(self) -> tuple[Variant, ...]:
+        return ((self.variant,) if self.variant else ()) + self.rest
+
+    def taking(self, v: Variant) -> Choice:
+        """This choice with v, the variant the kernel took."""
+        return Choice(self.collector, v, v.loses)
 
     @property
     def name(self) -> str:
@@ -191,10 +216,15 @@ def _choose(c: Collector, f: KernelFacts) -> Choice:
     if not f.btf:
         return Choice(c, None, "no kernel BTF (CONFIG_DEBUG_INFO_BTF)")
     lacking: list[Feature] = []
+    ok: list[Variant] = []
     for v in c.variants:
-        lacking = missing(OBJECT_NEEDS + v.features(), f)
-        if not lacking:
-            return Choice(c, v, v.loses)
+        lacks = missing(OBJECT_NEEDS + v.features(), f)
+        if not lacks:
+            ok.append(v)
+        elif not ok:
+            lacking = lacks
+    if ok:
+        return Choice(c, ok[0], ok[0].loses, tuple(ok[1:]))
     text = ", ".join(f"{x} (Linux {x.since})" for x in lacking)
     return Choice(c, None, f"this kernel lacks {text}")
 
@@ -212,7 +242,7 @@ def markdown() -> str:
         "Generated from `python/ebpf_telemetry/plan.py` "
         "(`python -m ebpf_telemetry.plan > docs/kernels.md`); a test keeps them equal.",
         "",
-        f"Documented minimum: Linux {MIN_KERNEL} with BTF (`CONFIG_DEBUG_INFO_BTF=y`). "
+        "Every collector needs BTF (`CONFIG_DEBUG_INFO_BTF=y`). "
         "The loader plans from what the kernel's BTF says it has, not from its version: "
         "a feature backported to an older kernel is used, a feature missing skips only the "
         "collectors that need it (`doctor` shows the plan; `ebpf_collector_up` what runs).",
@@ -231,6 +261,20 @@ def markdown() -> str:
         lines.append(f"| {f} | {f.since} | {', '.join(dict.fromkeys(who))} |")
     lines += [
         "",
+        "## Minimum kernel per collector",
+        "",
+        "Supported: the oldest kernel the matrix (`make test-kernels`) boots and the "
+        "collector passes its tests on. Expected: the first kernel with every feature "
+        "of one of its variants (not booted: a backport or a config can differ).",
+        "",
+        "| collector | supported from | expected from |",
+        "| --- | --- | --- |",
+    ]
+    for c in COLLECTORS:
+        expected = min((_runs_from(v) for v in c.variants), key=_version)
+        lines.append(f"| {c.name} | {PROVED[c.name]} | {expected} |")
+    lines += [
+        "",
         "## Collectors and their variants (best first)",
         "",
         "| collector | variant | programs | runs from | loses |",
@@ -238,10 +282,14 @@ def markdown() -> str:
     ]
     for c in COLLECTORS:
         for v in c.variants:
-            since = max((f.since for f in OBJECT_NEEDS + v.features()), key=_version)
+            since = _runs_from(v)
             progs = ", ".join(f"`{p}`" for p in sorted(v.programs))
             lines.append(f"| {c.name} | `{v.name}` | {progs} | {since} | {v.loses or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _runs_from(v: Variant) -> str:
+    return max((f.since for f in OBJECT_NEEDS + v.features()), key=_version)
 
 
 def _version(v: str) -> tuple[int, ...]:
