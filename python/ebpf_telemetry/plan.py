@@ -93,7 +93,6 @@ def _same(name: str, feature: Feature) -> Hook:
 OBJECT_NEEDS = (
     Feature("bpf", "tp_btf programs (BPF_TRACE_RAW_TP)", "5.5"),
     Feature("bpf", "pinned raw tracepoint links", "5.7"),
-    Feature("bpf", "batch look-ups of per-CPU arrays (the agent's reads)", "5.13"),
     Feature("map_type", "RINGBUF", "5.8"),
     Feature("map_type", "LPM_TRIE", "4.11"),
     Feature("map_type", "PERCPU_HASH", "4.6"),  # drops of subsystem reasons
