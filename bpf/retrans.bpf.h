@@ -71,7 +71,7 @@ int BPF_PROG(retrans_skb, const struct sock *sk, const struct sk_buff *skb)
 /* before 5.11 tracing programs have no socket storage: the peer is looked
  * up in the tables for each retransmit (rare: the cost does not matter) */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(retrans_skb_nosk, const struct sock *sk, const struct sk_buff *skb)
+int BPF_PROG(retrans_nosk, const struct sock *sk, const struct sk_buff *skb)
 {
 	return retrans_sk(sk, skb, false);
 }

@@ -155,7 +155,7 @@ COLLECTORS = (
             # (the loader then takes the next variant)
             Variant(
                 "tp_btf_nosk",
-                (Hook("tcp_retransmit_skb", "retrans_skb_nosk", TCP_RETRANSMIT), SYNACK),
+                (Hook("tcp_retransmit_skb", "retrans_nosk", TCP_RETRANSMIT), SYNACK),
                 (),
                 "nothing: the peer is looked up in the tables for each retransmit "
                 "(no socket cache)",
