@@ -97,8 +97,9 @@ run: build mounts
 test: build deps-test wheel image mounts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# the kernel tests on the host and on Debian's newest 6.1 and 6.12 kernels
-# (fetched into build/kernels/, booted with virtme-ng); prints a table
+# the kernel tests on the host and on Debian's kernels (6.1, 5.10, 6.12-rt,
+# the newest of trixie-backports: tests/kernel_matrix.py), fetched into
+# build/kernels/, booted with virtme-ng; prints a table
 KERNELS_ARGS ?=
 test-kernels: build deps-kernels mounts
 	$(VENV)/bin/python tests/kernel_matrix.py $(KERNELS_ARGS)

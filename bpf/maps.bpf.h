@@ -201,14 +201,6 @@ struct {
 	__type(value, struct sock_peer);
 } sock_peer_cache SEC(".maps");
 
-/* not pinned: when a task became runnable */
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u64);
-} task_enqueued SEC(".maps");
-
 /* stats slots are shared by programs that can interrupt each other on one
  * CPU (tcp_probe in task context, a retransmit from a softirq timer): an
  * atomic add (lock xadd), not a read-modify-write that a nested run would undo */

@@ -104,9 +104,11 @@ static __always_inline __u32 peer_find(const struct settings *s, struct peer_key
 }
 
 /* the socket's node id. First the CPU's last address (a run of
- * one connection's segments costs two compares), then the socket's storage,
- * then the tables; every cache is valid for one generation of the table. */
-static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk, __u32 *overflow)
+ * one connection's segments costs two compares), then the socket's storage
+ * (sk_cache: tracing programs may use it since 5.11), then the tables; every
+ * cache is valid for one generation of the table. */
+static __always_inline __u32 sock_node_cached(const struct settings *s, struct sock *sk,
+					      __u32 *overflow, const bool sk_cache)
 {
 	/* one reading of the table's generation for the whole event: a cache
 	 * stamped with it holds an id looked up in that generation or later */
@@ -134,7 +136,8 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		*overflow = last->overflow;
 		return last->node_id;
 	}
-	c = bpf_sk_storage_get(&sock_peer_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	c = sk_cache ? bpf_sk_storage_get(&sock_peer_cache, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) :
+		       NULL;
 	if (c && c->generation == gen) {
 		id = c->node_id;
 		*overflow = c->overflow;
@@ -155,6 +158,11 @@ static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk
 		last->generation = gen;
 	}
 	return id;
+}
+
+static __always_inline __u32 sock_node(const struct settings *s, struct sock *sk, __u32 *overflow)
+{
+	return sock_node_cached(s, sk, overflow, true);
 }
 
 #endif /* __NODES_BPF_H */

@@ -39,14 +39,15 @@ static __always_inline void record_retrans(const struct settings *s, __u32 node,
 	emit_event(s, EVENT_RETRANS, node, segs, state);
 }
 
-static __always_inline int retrans_sk(const struct sock *sk, const struct sk_buff *skb)
+static __always_inline int retrans_sk(const struct sock *sk, const struct sk_buff *skb,
+				      const bool sk_cache)
 {
 	const struct settings *s = get_settings();
 	__u32 node, overflow;
 
 	if (!s)
 		return 0;
-	node = sock_node(s, (struct sock *)sk, &overflow);
+	node = sock_node_cached(s, (struct sock *)sk, &overflow, sk_cache);
 	record_retrans(s, node, overflow, tcp_pcount(skb), sk->__sk_common.skc_state);
 	return 0;
 }
@@ -58,13 +59,21 @@ static __always_inline int retrans_sk(const struct sock *sk, const struct sk_buf
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(retrans_skb_err, const struct sock *sk, const struct sk_buff *skb, int err)
 {
-	return err ? 0 : retrans_sk(sk, skb);
+	return err ? 0 : retrans_sk(sk, skb, true);
 }
 
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(retrans_skb, const struct sock *sk, const struct sk_buff *skb)
 {
-	return retrans_sk(sk, skb);
+	return retrans_sk(sk, skb, true);
+}
+
+/* before 5.11 tracing programs have no socket storage: the peer is looked
+ * up in the tables for each retransmit (rare: the cost does not matter) */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(retrans_nosk, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retrans_sk(sk, skb, false);
 }
 
 /* request sockets: classified by address, never through a socket cache */

@@ -22,12 +22,17 @@ from ebpf_telemetry.values import TelemetryEvent
 # CPU. Tests there assert counts, exact relations and wide ratios; a bound on
 # wall-clock time (or a latency) holds on the host and under KVM only.
 EMULATED = os.environ.get("EBPF_TELEMETRY_EMULATED") == "1"
+# collectors the kernel under test cannot run (kernel_matrix.py sets it from
+# the series' expectations, e.g. rtt on 5.10): skipped there, not a failure
+EXPECT_SKIPPED = frozenset(
+    filter(None, os.environ.get("EBPF_TELEMETRY_EXPECT_SKIPPED", "").split(","))
+)
 
 
 def attach(cfg: Any, kernel: KernelFacts | None = None) -> Pins:
     """Attach every collector (planned with `kernel`, default this kernel's facts)."""
     state = loader.attach(cfg, kernel)
-    assert all(r.up for r in state), state
+    assert all(r.up != (r.collector in EXPECT_SKIPPED) for r in state), state
     return Pins(cfg.pin_dir)
 
 

@@ -316,6 +316,7 @@ def test_bulk_receiver_records_no_stale_samples(make_config: Any, lab: Any) -> N
     assert processed > 20 and 0.8 * processed <= sender <= processed
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_pingpong_takes_one_sample_per_round_trip(make_config: Any, lab: Any) -> None:
     a, b, veth = lab

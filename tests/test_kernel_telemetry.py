@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -50,7 +51,9 @@ def retrans_counters(ns: Netns) -> tuple[int, int]:
 
 
 @pytest.mark.matrix
-@pytest.mark.parametrize("forced", [None, "tracepoint:tcp_retransmit_skb:2"])
+@pytest.mark.parametrize(
+    "forced", [pytest.param(None, marks=pytest.mark.smoke), "tracepoint:tcp_retransmit_skb:2"]
+)
 def test_retransmits_equal_kernel_snmp(make_config: Any, forced: str | None) -> None:
     # forced: the program for kernels whose tracepoint passes no `err` (and
     # fires only for retransmits that went out); on a kernel that does pass
@@ -132,6 +135,7 @@ def drop_delta(pins: Pins, d0: dict[str, int], reason: str) -> int:
     return drops_by_name(pins).get(reason, 0) - d0.get(reason, 0)
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_drops_no_socket(drop_lab: Any) -> None:
     a, _, veth, pins = drop_lab
@@ -197,77 +201,115 @@ def spin(seconds: float) -> None:
         pass
 
 
-def sleeper(stop: threading.Event, tid: list[int]) -> None:
-    tid.append(threading.get_native_id())
-    while not stop.is_set():
-        time.sleep(0.005)
+@dataclass
+class Sleeper:
+    """A thread that sleeps 5 ms at a time, and its own schedstat read at the
+    end between two clock readings (CLOCK_MONOTONIC, as the events' ktime)."""
+
+    tid: int = 0
+    before_ns: int = 0  # just before the read
+    after_ns: int = 0  # just after
+    runs: int = 0  # sched_info.pcount: the arrivals the scheduler counted
+    run_delay_ns: int = 0  # sched_info.run_delay: their waits, summed
+
+    def run(self, stop: threading.Event) -> None:
+        self.tid = threading.get_native_id()
+        while not stop.is_set():
+            time.sleep(0.005)
+        self.before_ns = time.monotonic_ns()
+        with open("/proc/thread-self/schedstat") as f:  # consistent: it runs
+            fields = f.read().split()
+        self.after_ns = time.monotonic_ns()
+        self.run_delay_ns, self.runs = int(fields[1]), int(fields[2])
 
 
-def pcount(tid: int) -> int:
-    with open(f"/proc/self/task/{tid}/schedstat") as f:
-        return int(f.read().split()[2])
+def sched_info_counts_every_arrival() -> bool:
+    """Before 5.14 sched_info_arrive() counted arrivals with no wait recorded
+    too (last_queued 0): pcount >= the waits schedstat (and we) measure."""
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) < (5, 14)
 
 
-def runqlat_window(pins: Pins, seconds: float, busy: int) -> tuple[float, int, int]:
-    """p50 (us) over a window with `busy` spinning processes, and for a sleeper
-    thread: (its runqlat events, its schedstat run count) in the same window."""
+@dataclass
+class Seen:
+    """The sleeper's run-queue latency events (us, in arrival order) up to the
+    end of its schedstat read; `sure` of them came before the read began (an
+    arrival during the read may or may not be in it)."""
+
+    us: list[int]
+    sure: int
+
+
+def runqlat_window(pins: Pins, seconds: float, busy: int) -> tuple[float, Sleeper, Seen]:
+    """p50 (us) over a window with `busy` spinning processes, and a sleeper
+    thread started after attach with what the collector saw of it."""
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=spin, args=(seconds + 1.0,)) for _ in range(busy)]
     for p in procs:
         p.start()
-    stop, tid = threading.Event(), []
-    t = threading.Thread(target=sleeper, args=(stop, tid))
+    stop, sl = threading.Event(), Sleeper()
+    t = threading.Thread(target=sl.run, args=(stop,))
     with EventDrain(pins.pin_dir) as drain:
-        t.start()
-        wait_until(lambda: bool(tid), 5)
         time.sleep(0.2)  # let the load settle: what is measured is the window below
-        before, runs0, t0 = take(pins), pcount(tid[0]), time.monotonic_ns()
+        before = take(pins)
+        t.start()
         time.sleep(seconds)
-        after, runs1, t1 = take(pins), pcount(tid[0]), time.monotonic_ns()
         stop.set()
         t.join()
-        # events carry bpf_ktime_get_ns (CLOCK_MONOTONIC): wait until the drain is past t1
-        wait_until(lambda: any(e.timestamp > t1 for e in drain.events[-50:]), 5)
+        after = take(pins)
+        # events carry bpf_ktime_get_ns (CLOCK_MONOTONIC): wait until the drain is past the read
+        wait_until(lambda: any(e.timestamp > sl.after_ns for e in drain.events[-50:]), 30)
     for p in procs:
         p.join()
-    mine = sum(
-        1
+    mine = sorted(
+        (e.timestamp, e.value)
         for e in drain.events
-        if e.event_type == 4 and e.extra_data == tid[0] and t0 <= e.timestamp <= t1
+        if e.event_type == 4 and e.extra_data == sl.tid and e.timestamp <= sl.after_ns
     )
     p50 = Window(before, after).runqlat_quantile_us(0.5)
     assert p50 is not None
-    return p50, mine, runs1 - runs0
+    return p50, sl, Seen([us for _, us in mine], sum(1 for ts, _ in mine if ts <= sl.before_ns))
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
-@pytest.mark.parametrize("forced", [None, "tracepoint:sched_switch:3"])
-def test_runqueue_latency_under_load_and_count(make_config: Any, forced: str | None) -> None:
-    # forced: the program for kernels whose sched_switch passes no prev_state
-    kernel = facts.read().without(forced) if forced else None
-    with attach(make_config(sample_rate=1), kernel) as pins:
-        idle_p50, ev_idle, runs_idle = runqlat_window(pins, 2.0, busy=0)
-        load_p50, ev_load, runs_load = runqlat_window(pins, 2.0, busy=2 * os.cpu_count())
+def test_runqueue_latency_equals_schedstat(make_config: Any) -> None:
+    """The sleeper's events are its schedstat arrivals, one for one, each the
+    wait sched_info_arrive() adds to its run delay: the collector reads the
+    two values that function uses. Nothing here depends on timing: the same
+    bounds hold under emulation."""
+    with attach(make_config(sample_rate=1)) as pins:
+        idle_p50, idle, ev_idle = runqlat_window(pins, 2.0, busy=0)
+        load_p50, load, ev_load = runqlat_window(pins, 2.0, busy=2 * os.cpu_count())
         lost = pins.stats()["events_lost"]
     print(
         f"\nrunqlat p50 idle {idle_p50:.0f} us, {2 * os.cpu_count()} spinners {load_p50:.0f} us; "
-        f"sleeper samples {ev_idle}/{runs_idle} idle, {ev_load}/{runs_load} loaded "
-        "(events/schedstat); "
-        f"lost {lost}"
+        f"sleeper events/schedstat runs {len(ev_idle.us)}/{idle.runs} idle, "
+        f"{len(ev_load.us)}/{load.runs} loaded; sum us/run_delay us "
+        f"{sum(ev_idle.us)}/{idle.run_delay_ns / 1000:.0f} idle, "
+        f"{sum(ev_load.us)}/{load.run_delay_ns / 1000:.0f} loaded; lost {lost}"
     )
     assert lost == 0
-    # 100x and more on a real CPU; emulated (TCG), idle latency is already
-    # 100-175 us and the ratio was seen from 1.5 to 4.9: only the direction holds
-    assert load_p50 > (1 if EMULATED else 3) * idle_p50
-    # exact on the host (events counted when schedstat counts an arrival);
-    # emulated (TCG, more so on a busy host), 8-24% fewer events were seen on
-    # 6.12 with no event lost: stamps that a program could not write. The
-    # likely cause, not yet proven: an interrupt's sched_wakeup program finds
-    # task storage busy on its CPU (another program's task-storage call it
-    # interrupted, slow under emulation) and gets no storage
-    tolerance = 0.3 if EMULATED else 0.05
-    for ev, runs in ((ev_idle, runs_idle), (ev_load, runs_load)):
-        assert runs > 50 and abs(ev - runs) <= tolerance * runs
+    for sl, seen in ((idle, ev_idle), (load, ev_load)):
+        assert sl.runs > 50
+        delay_us = sl.run_delay_ns / 1000
+        if sched_info_counts_every_arrival():
+            assert seen.sure <= sl.runs
+            assert sum(seen.us[: seen.sure]) <= delay_us
+            continue
+        # equal in most runs; under load on the host (6.18) one arrival in
+        # ~370 had no event in some runs (no recursion miss, no ring loss,
+        # cause not found yet): never more events than arrivals
+        assert seen.sure <= sl.runs <= len(seen.us) + sl.runs // 100
+        # each event is floor(wait_ns / 1000) of a wait that run_delay holds;
+        # run_delay also holds the part of a wait before a load-balancing
+        # migration (sched_info_dequeue() adds it, no tracepoint sees it), so
+        # the sum is a lower bound of it: equal to 0.1% idle, 5-25% under here
+        assert sum(seen.us[: sl.runs]) <= delay_us
+    if not EMULATED:
+        # 100x and more on a real CPU; emulated (TCG), idle latency is already
+        # 100-175 us and the ratio was seen from 1.5 to 4.9: host only
+        assert load_p50 > 3 * idle_p50
 
 
 def pinned_spin(cpu: int) -> None:
@@ -349,7 +391,7 @@ def test_missing_tracepoint_skips_one_collector(make_config: Any) -> None:
         "rtt": "tp_btf",
         "retrans": "tp_btf_err" if has_err_arg() else "tp_btf",
         "drops": None,
-        "sched": "tp_btf_state",
+        "sched": "rq_clock",
     }
     assert "lacks tracepoint kfree_skb(struct sk_buff *, void *" in state["drops"].why
     assert not os.path.exists(f"{cfg.pin_dir}/links/kfree_skb")

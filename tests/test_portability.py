@@ -24,9 +24,9 @@ REJECT_OBJECT = str(Path(__file__).parents[1] / "build" / "telemetry-reject.bpf.
 # what each recorded kernel runs (facts recorded by `make test-kernels`)
 OLD_RETRANS = {"rtt": "tp_btf", "retrans": "tp_btf", "drops": "tp_btf_reason"}
 EXPECTED = {
-    "6.1": {**OLD_RETRANS, "sched": "tp_btf_state"},
-    "6.12": {**OLD_RETRANS, "sched": "tp_btf_state"},
-    "6.18": {**OLD_RETRANS, "retrans": "tp_btf_err", "sched": "tp_btf_state"},
+    "6.1": {**OLD_RETRANS, "sched": "rq_clock"},
+    "6.12": {**OLD_RETRANS, "sched": "rq_clock"},
+    "6.18": {**OLD_RETRANS, "retrans": "tp_btf_err", "sched": "rq_clock"},
 }
 
 
@@ -52,9 +52,12 @@ def test_no_btf_runs_nothing_and_says_why() -> None:
 
 def test_a_missing_feature_is_named_with_its_first_kernel() -> None:
     f = recorded("6.18")
-    by = {c.name: c for c in plan.plan(f.without("helper:task_storage_get"))}
+    by = {c.name: c for c in plan.plan(f.without("tracepoint:sched_switch"))}
     assert by["sched"].variant is None
-    assert by["sched"].why == "this kernel lacks helper task_storage_get (Linux 5.13)"
+    assert by["sched"].why == (
+        "this kernel lacks tracepoint sched_switch(bool, struct task_struct *, "
+        "struct task_struct *) (Linux 4.16)"
+    )
     assert by["rtt"].variant is not None
     assert all(c.variant is None for c in plan.plan(f.without("map_type:RINGBUF")))
 
@@ -127,6 +130,7 @@ def log_records(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
 
 
+@pytest.mark.smoke
 @pytest.mark.matrix
 def test_doctor_says_what_run_does(pin_dir: str, tmp_path: Path) -> None:
     require_kernel()

@@ -97,7 +97,8 @@ def verdicts(kernel: facts.KernelFacts, can_load: bool) -> list[Verdict]:
     out = []
     for ch in plan.plan(kernel):
         tried = can_load and ch.variant is not None
-        out.append(Verdict(ch, loader.trial(ch) if tried else None, tried))
+        taken, rejected = loader.trial(ch) if tried else (ch, None)
+        out.append(Verdict(taken, rejected, tried))
     return out
 
 

@@ -30,8 +30,6 @@ TRACEPOINTS = (
     "tcp_retransmit_skb",
     "tcp_retransmit_synack",
     "kfree_skb",
-    "sched_wakeup",
-    "sched_wakeup_new",
     "sched_switch",
 )
 FACTS_ENV = "EBPF_TELEMETRY_FACTS"

@@ -143,7 +143,7 @@ METRICS = _defs(
         "histogram",
         ("node",),
         "Time from a task becoming runnable (woken or preempted) to running on a CPU.",
-        "sched_wakeup/_new, sched_switch -> runqlat_hist_map (log2x8), runqlat_sum",
+        "sched_switch (rq clock - last_queued) -> runqlat_hist_map (log2x8), runqlat_sum",
     ),
     MetricDef(
         "ebpf_cpu_utilization_ratio",

@@ -34,6 +34,10 @@ log = structlog.get_logger("loader")
 # pinned by earlier releases; unload removes them (cpu_time_map: CPU time is
 # read from /proc/stat since 0.2, cputime.py says why)
 LEGACY_PINS = ("peer_alloc_map", "cpu_time_map")
+# links of tracepoints earlier releases hooked (sched: the wakeups, until 0.2
+# read the run queue's clock at sched_switch); removed once the collector
+# that replaced them is attached, and by unload
+LEGACY_LINKS = {"sched": ("sched_wakeup", "sched_wakeup_new")}
 
 
 @dataclass(frozen=True)
@@ -117,16 +121,20 @@ def verdict(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "no log"
 
 
-def trial(choice: plan.Choice) -> str | None:
-    """Load a collector's programs without pinning or attaching anything:
-    None if the kernel takes them, else its verdict (doctor)."""
-    assert choice.variant is not None
-    try:
-        with opened(None, 1) as obj:
-            load(obj, choice.variant)
-    except BpfError as e:
-        return str(e)
-    return None
+def trial(choice: plan.Choice) -> tuple[plan.Choice, str | None]:
+    """Load a collector's variants in turn without pinning or attaching
+    anything (doctor): the choice with the first the kernel takes and None,
+    or the choice as planned and the kernel's verdict on its best variant."""
+    verdicts: list[str] = []
+    for v in choice.candidates():
+        try:
+            with opened(None, 1) as obj:
+                load(obj, v)
+        except BpfError as e:
+            verdicts.append(str(e))
+            continue
+        return choice.taking(v), None
+    return choice, verdicts[0]
 
 
 # -- attach -------------------------------------------------------------------------
@@ -182,16 +190,16 @@ def attach(cfg: Config, kernel: KernelFacts | None = None, renew: bool = False) 
                 out[ch.name] = _skipped(ch.name, ch.why)
                 continue
             pinned = linked(cfg.pin_dir, ch.collector)
-            obj = objects.enter_context(opened(cfg.pin_dir, cfg.max_peers))
-            try:
-                load(obj, ch.variant)
-            except BpfError as e:
+            obj, ch, err = _load_first(objects, cfg, ch)
+            if obj is None:
+                assert ch.variant is not None
                 out[ch.name] = (
-                    Running(ch.name, ch.variant.name, "pinned", f"kept: {e}")
+                    Running(ch.name, ch.variant.name, "pinned", f"kept: {err}")
                     if pinned
-                    else _skipped(ch.name, str(e))
+                    else _skipped(ch.name, err)
                 )
                 continue
+            assert ch.variant is not None
             if pinned and not renew and _runs_already(obj, ch.variant, cfg.pin_dir):
                 out[ch.name] = Running(ch.name, ch.variant.name, "pinned", ch.why)
             else:
@@ -207,7 +215,28 @@ def attach(cfg: Config, kernel: KernelFacts | None = None, renew: bool = False) 
                 _attach_one(obj, h, cfg.pin_dir)
             out[ch.name] = Running(ch.name, ch.variant.name, state, ch.why)
             log.info(state, collector=ch.name, variant=ch.variant.name)
+            _remove_legacy_links(cfg.pin_dir, ch.name)
     return [out[c.name] for c in plan.COLLECTORS]
+
+
+def _load_first(
+    objects: contextlib.ExitStack, cfg: Config, ch: plan.Choice
+) -> tuple[Any, plan.Choice, str]:
+    """The loaded object of the first of the choice's variants the kernel
+    takes, and the choice with it; else None, the choice as planned and the
+    kernel's verdict on its best variant."""
+    verdicts: list[str] = []
+    for v in ch.candidates():
+        with contextlib.ExitStack() as attempt:
+            obj = attempt.enter_context(opened(cfg.pin_dir, cfg.max_peers))
+            try:
+                load(obj, v)
+            except BpfError as e:
+                verdicts.append(str(e))
+                continue
+            objects.push(attempt.pop_all())
+            return obj, ch.taking(v), ""
+    return None, ch, verdicts[0]
 
 
 def _remove_stray_links(pin_dir: str) -> None:
@@ -220,6 +249,14 @@ def _remove_stray_links(pin_dir: str) -> None:
             if os.path.lexists(stray):
                 os.unlink(stray)
                 log.warning("stray link removed (an interrupted upgrade)", link=stray)
+
+
+def _remove_legacy_links(pin_dir: str, collector: str) -> None:
+    """Detach what an earlier release of this collector hooked and this one does not."""
+    for tp in LEGACY_LINKS.get(collector, ()):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link_path(pin_dir, tp))
+            log.info("legacy link removed", collector=collector, link=tp)
 
 
 def _program(obj: Any, name: str) -> Any:
@@ -262,6 +299,7 @@ def _attach_one(obj: Any, h: plan.Hook, pin_dir: str) -> None:
 def our_pins() -> list[str]:
     """Every name we pin under a pin dir (links, maps, pins of earlier releases)."""
     tps = [tp for c in plan.COLLECTORS for tp in c.tracepoints]
+    tps += [tp for legacy in LEGACY_LINKS.values() for tp in legacy]
     return [*(f"links/{tp}{s}" for tp in tps for s in ("", "-new")), *MAPS, *LEGACY_PINS]
 
 

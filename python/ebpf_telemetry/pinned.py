@@ -136,9 +136,21 @@ class PinnedMap:
             "struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")}
         )
         ret = lib.bpf_map_lookup_batch(self.fd, ffi.NULL, batch, keys, vals, cnt, opts)
+        if ret < 0 and ffi.errno == ENOTSUPP:
+            return self._array_rows_one_by_one(n, vals)
         if ret < 0 and ffi.errno != 2:  # ENOENT: reached the end, cnt is valid
             raise BpfError(f"batch lookup in {self.path}", ffi.errno)
         return int(cnt[0]), vals
+
+    def _array_rows_one_by_one(self, n: int, vals: Any) -> tuple[int, Any]:
+        """Before 5.13 per-CPU arrays have no batch look-up (ENOTSUPP): a
+        look-up per element (the rows are then not all of one instant)."""
+        key = ffi.new("__u32 *")
+        for i in range(n):
+            key[0] = i
+            if lib.bpf_map_lookup_elem(self.fd, key, vals + i * self.ncpu) < 0:
+                raise BpfError(f"lookup of {i} in {self.path}", ffi.errno)
+        return n, vals
 
     def hash_rows(self, ktype: str) -> tuple[int, Any, Any]:
         """Every element of a hash map, one batch call (5.6): (n, keys, values)."""
@@ -152,6 +164,9 @@ class PinnedMap:
         if ret < 0 and ffi.errno != 2:  # ENOENT: reached the end, cnt is valid
             raise BpfError(f"batch lookup in {self.path}", ffi.errno)
         return int(cnt[0]), keys, vals
+
+
+ENOTSUPP = 524  # the kernel's own, not ENOTSUP: an operation the map type lacks
 
 
 def map_info(fd: int) -> Any:

@@ -93,19 +93,23 @@ def _same(name: str, feature: Feature) -> Hook:
 OBJECT_NEEDS = (
     Feature("bpf", "tp_btf programs (BPF_TRACE_RAW_TP)", "5.5"),
     Feature("bpf", "pinned raw tracepoint links", "5.7"),
-    Feature("bpf", "batch look-ups of per-CPU arrays (the agent's reads)", "5.13"),
     Feature("map_type", "RINGBUF", "5.8"),
     Feature("map_type", "LPM_TRIE", "4.11"),
     Feature("map_type", "PERCPU_HASH", "4.6"),  # drops of subsystem reasons
     Feature("map_type", "QUEUE", "4.20"),  # the free automatic peer ids
     Feature("map_type", "SK_STORAGE", "5.2"),
-    Feature("map_type", "TASK_STORAGE", "5.11"),
     Feature("helper", "ringbuf_query", "5.8"),
     Feature("helper", "ktime_get_ns", "4.1"),
 )
 SK_STORAGE_GET = Feature("helper", "sk_storage_get", "5.11")  # from tracing programs
-# the helper exists from 5.11 (LSM); tracing programs may call it from 5.13
-TASK_STORAGE_GET = Feature("helper", "task_storage_get", "5.13")
+# sched: the run queue's clock via next->se.cfs_rq->rq (CO-RE; a kernel
+# without these fields rejects the load, and the collector is skipped)
+RQ_FIELDS = Feature(
+    "bpf",
+    "task_struct.se.cfs_rq->rq and sched_info.last_queued "
+    "(CONFIG_FAIR_GROUP_SCHED, CONFIG_SCHED_INFO)",
+    "2.6.24",
+)
 SOCK = "struct sock *"
 SKB = "struct sk_buff *"
 TASK = "struct task_struct *"
@@ -119,16 +123,7 @@ SYNACK = Hook(
 KFREE_SKB = _tp("kfree_skb", "4.16", SKB, "void *")
 KFREE_SKB_REASON = _tp("kfree_skb", "5.17", SKB, "void *", "enum skb_drop_reason")
 
-WAKEUPS = (
-    _same("sched_wakeup", _tp("sched_wakeup", "4.16", TASK)),
-    Hook("sched_wakeup_new", "sched_wake_new", _tp("sched_wakeup_new", "4.16", TASK)),
-)
 SWITCH = _tp("sched_switch", "4.16", "bool", TASK, TASK)
-SWITCH_STATE = Hook(
-    "sched_switch",
-    "sched_switch_st",
-    _tp("sched_switch", "5.18", "bool", TASK, TASK, "unsigned int"),
-)
 
 COLLECTORS = (
     Collector(
@@ -155,6 +150,16 @@ COLLECTORS = (
                 (SK_STORAGE_GET,),
                 "nothing: these kernels fire the tracepoint only for retransmits that went out",
             ),
+            # before 5.11 the helper exists but tracing programs may not call
+            # it: BTF cannot tell, the verifier's rejection of `tp_btf` can
+            # (the loader then takes the next variant)
+            Variant(
+                "tp_btf_nosk",
+                (Hook("tcp_retransmit_skb", "retrans_nosk", TCP_RETRANSMIT), SYNACK),
+                (),
+                "nothing: the peer is looked up in the tables for each retransmit "
+                "(no socket cache)",
+            ),
         ),
     ),
     Collector(
@@ -170,18 +175,15 @@ COLLECTORS = (
     ),
     Collector(
         "sched",
-        (
-            Variant("tp_btf_state", (*WAKEUPS, SWITCH_STATE), (TASK_STORAGE_GET,)),
-            Variant(
-                "tp_btf",
-                (*WAKEUPS, _same("sched_switch", SWITCH)),
-                (TASK_STORAGE_GET,),
-                "nothing: a preempted task is told by its own state field, as runqlat does",
-            ),
-        ),
+        (Variant("rq_clock", (_same("sched_switch", SWITCH),), (RQ_FIELDS,)),),
     ),
 )
 BY_NAME = {c.name: c for c in COLLECTORS}
+
+# The oldest kernel `make test-kernels` boots on which each collector passed
+# its tests (tests/kernel_matrix.py; update with the matrix): "supported" from
+# there. Older kernels whose BTF has the features are "expected", not booted.
+PROVED = {"rtt": "6.1", "retrans": "6.1", "drops": "6.1", "sched": "6.1"}
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,16 @@ class Choice:
     collector: Collector
     variant: Variant | None  # None: skipped
     why: str = ""  # skipped: what the kernel lacks; degraded: what the variant loses
+    # the later variants the facts allow too: the loader tries them in turn
+    # when the kernel rejects `variant` (what BTF cannot show)
+    rest: tuple[Variant, ...] = ()
+
+    def candidates(self) -> tuple[Variant, ...]:
+        return ((self.variant,) if self.variant else ()) + self.rest
+
+    def taking(self, v: Variant) -> Choice:
+        """This choice with v, the variant the kernel took."""
+        return Choice(self.collector, v, v.loses)
 
     @property
     def name(self) -> str:
@@ -203,10 +215,15 @@ def _choose(c: Collector, f: KernelFacts) -> Choice:
     if not f.btf:
         return Choice(c, None, "no kernel BTF (CONFIG_DEBUG_INFO_BTF)")
     lacking: list[Feature] = []
+    ok: list[Variant] = []
     for v in c.variants:
-        lacking = missing(OBJECT_NEEDS + v.features(), f)
-        if not lacking:
-            return Choice(c, v, v.loses)
+        lacks = missing(OBJECT_NEEDS + v.features(), f)
+        if not lacks:
+            ok.append(v)
+        elif not ok:
+            lacking = lacks
+    if ok:
+        return Choice(c, ok[0], ok[0].loses, tuple(ok[1:]))
     text = ", ".join(f"{x} (Linux {x.since})" for x in lacking)
     return Choice(c, None, f"this kernel lacks {text}")
 
@@ -224,7 +241,7 @@ def markdown() -> str:
         "Generated from `python/ebpf_telemetry/plan.py` "
         "(`python -m ebpf_telemetry.plan > docs/kernels.md`); a test keeps them equal.",
         "",
-        f"Documented minimum: Linux {MIN_KERNEL} with BTF (`CONFIG_DEBUG_INFO_BTF=y`). "
+        "Every collector needs BTF (`CONFIG_DEBUG_INFO_BTF=y`). "
         "The loader plans from what the kernel's BTF says it has, not from its version: "
         "a feature backported to an older kernel is used, a feature missing skips only the "
         "collectors that need it (`doctor` shows the plan; `ebpf_collector_up` what runs).",
@@ -243,6 +260,20 @@ def markdown() -> str:
         lines.append(f"| {f} | {f.since} | {', '.join(dict.fromkeys(who))} |")
     lines += [
         "",
+        "## Minimum kernel per collector",
+        "",
+        "Supported: the oldest kernel the matrix (`make test-kernels`) boots and the "
+        "collector passes its tests on. Expected: the first kernel with every feature "
+        "of one of its variants (not booted: a backport or a config can differ).",
+        "",
+        "| collector | supported from | expected from |",
+        "| --- | --- | --- |",
+    ]
+    for c in COLLECTORS:
+        expected = min((_runs_from(v) for v in c.variants), key=_version)
+        lines.append(f"| {c.name} | {PROVED[c.name]} | {expected} |")
+    lines += [
+        "",
         "## Collectors and their variants (best first)",
         "",
         "| collector | variant | programs | runs from | loses |",
@@ -250,10 +281,14 @@ def markdown() -> str:
     ]
     for c in COLLECTORS:
         for v in c.variants:
-            since = max((f.since for f in OBJECT_NEEDS + v.features()), key=_version)
+            since = _runs_from(v)
             progs = ", ".join(f"`{p}`" for p in sorted(v.programs))
             lines.append(f"| {c.name} | `{v.name}` | {progs} | {since} | {v.loses or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _runs_from(v: Variant) -> str:
+    return max((f.since for f in OBJECT_NEEDS + v.features()), key=_version)
 
 
 def _version(v: str) -> tuple[int, ...]:
