@@ -2,7 +2,7 @@
 # The OCI image of the agent, from Debian packages, with no container daemon and
 # no registry (`make image` runs this; docs/deploy.md pushes the result):
 #   layer 1  a Debian root file system from mmdebstrap: the Essential packages,
-#            python3, libbpf1 and mount (the DaemonSet's init container mounts
+#            python3, libbpf1, libstdc++6 (numpy) and mount (the DaemonSet's init container mounts
 #            bpffs); no apt, docs, man pages, locales or gconv modules. Cached
 #            under build/image/ by a hash of everything mmdebstrap is given.
 #   layer 2  /opt/ebpf-telemetry/venv: the wheel and its dependencies from PyPI
@@ -22,7 +22,7 @@ pip=${PIP:-pip}
 suite=${IMAGE_SUITE:-bookworm}
 mirror=${IMAGE_MIRROR:-http://deb.debian.org/debian}
 security=${IMAGE_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-packages=python3,libbpf1,mount
+packages=python3,libbpf1,mount,libstdc++6  # libstdc++6: numpy's C++ parts
 arch=$(dpkg --print-architecture)
 version=$(basename "$wheel" | cut -d- -f2)
 venv=/opt/ebpf-telemetry/venv

@@ -313,7 +313,8 @@ def test_image_config_and_contents(image: Path, bundle: Path) -> None:
     ]
     for pattern in [*absent, f"{VENV.lstrip('/')}/bin/pip*"]:
         assert not list(rootfs.glob(pattern)), f"{pattern} in the image"
-    assert image.stat().st_size < 48 * 2**20, f"the image grew: {image.stat().st_size} bytes"
+    # numpy (the 16,384-peer reads) and libstdc++ took it from about 45 to 63 MiB
+    assert image.stat().st_size < 72 * 2**20, f"the image grew: {image.stat().st_size} bytes"
 
 
 def test_image_runs_as_the_daemonset_does(bundle: Path, tmp_path: Path) -> None:
