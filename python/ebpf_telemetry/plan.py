@@ -93,6 +93,8 @@ def _same(name: str, feature: Feature) -> Hook:
 OBJECT_NEEDS = (
     Feature("bpf", "tp_btf programs (BPF_TRACE_RAW_TP)", "5.5"),
     Feature("bpf", "pinned raw tracepoint links", "5.7"),
+    # node_metrics_map, peer_info_map, peer_seen_map: the agent reads them in place
+    Feature("bpf", "mmap-able array maps (BPF_F_MMAPABLE)", "5.5"),
     Feature("map_type", "RINGBUF", "5.8"),
     Feature("map_type", "LPM_TRIE", "4.11"),
     Feature("map_type", "PERCPU_HASH", "4.6"),  # drops of subsystem reasons
