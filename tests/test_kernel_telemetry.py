@@ -139,11 +139,16 @@ def drop_delta(pins: Pins, d0: dict[str, int], reason: str) -> int:
 @pytest.mark.matrix
 def test_drops_no_socket(drop_lab: Any) -> None:
     a, _, veth, pins = drop_lab
+    # kernels before 5.17 pass no reason (drops variant tp_btf_noreason): every
+    # drop counts as "unknown" there, and their BTF has no NO_SOCKET
+    reason = "NO_SOCKET" if "NO_SOCKET" in btf.drop_reasons().values() else "unknown"
     before, d0 = take(pins), drops_by_name(pins)
     udp_send(a, veth.v4_b, 9, 37)  # nothing listens on udp/9 in b
-    wait_until(lambda: drop_delta(pins, d0, "NO_SOCKET") >= 37, timeout=5)
+    wait_until(lambda: drop_delta(pins, d0, reason) >= 37, timeout=5)
     after = take(pins)
-    assert 37 <= drop_delta(pins, d0, "NO_SOCKET") <= 37 + NOISE
+    # "unknown" holds every drop of the machine, not only this socket's kind
+    noise = NOISE if reason == "NO_SOCKET" else 20
+    assert 37 <= drop_delta(pins, d0, reason) <= 37 + noise
     host = after.node(HOST).drop_count - before.node(HOST).drop_count
     # the host's count and the reasons' are read a moment apart (seen under
     # TCG: a stray drop between the two reads)
