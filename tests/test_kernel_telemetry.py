@@ -236,8 +236,7 @@ def kernel_at_least(major: int, minor: int) -> bool:
 def sched_info_counts_every_arrival() -> bool:
     """Before 5.14 sched_info_arrive() counted arrivals with no wait recorded
     too (last_queued 0): pcount >= the waits schedstat (and we) measure."""
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return (major, minor) < (5, 14)
+    return not kernel_at_least(5, 14)
 
 
 @dataclass
