@@ -131,7 +131,10 @@ def test_a_shared_id_never_reaches_the_textfile(make_config: Any, lab: Any) -> N
         with TcpEchoServer(b, "0.0.0.0") as srv:
             tcp_pingpong_many(a, [(first, srv.port)], 5)
             shared = labels(c.cycle())[first]
-            map_address(c.pins, second, shared)  # the broken state
+            # the broken state, as the kernel's second allocation of the
+            # same id would leave it: the address claimed, the id described
+            map_address(c.pins, second, shared)
+            set_info(c.pins, shared, lib.PEER_AUTO, mapped(second))
             tcp_pingpong_many(a, [(second, srv.port)], 7)  # counts into the shared row
             snap = c.cycle()
             text = Path(c.agent.cfg.textfile).read_text()
@@ -146,6 +149,31 @@ def test_a_shared_id_never_reaches_the_textfile(make_config: Any, lab: Any) -> N
         assert snap.node(got[first]).rtt_count == snap.node(got[second]).rtt_count == 3
     finally:
         c.close()
+
+
+def test_the_table_is_read_again_when_peer_info_changes(make_config: Any) -> None:
+    """check() reads peer_addr_map again only after peer_info_map changed
+    (every allocation and every repair writes it) or when the last read is
+    older than full_read_ns: a hash-only change (a hand from outside) is
+    found then, and by the first check of every new Checker."""
+    cfg = make_config(max_peers=MAX)
+    with attach(cfg) as pins:
+        table = peertable.Checker()
+        table.check(pins, cfg)
+        reads = table.table_reads
+        assert table.check(pins, cfg) == set() and table.table_reads == reads  # nothing moved
+        map_address(pins, "10.250.9.1", 5)  # the hash alone: not read yet
+        map_address(pins, "10.250.9.2", 5)
+        assert table.check(pins, cfg) == set() and table.table_reads == reads
+        table.full_read_ns = 0  # the period over: read, found, retired
+        assert table.check(pins, cfg) == {5} and table.table_reads == reads + 1
+        assert table.repairs["shared"] == 1
+        table.full_read_ns = int(peertable.FULL_READ_SECONDS * 1e9)
+        assert table.check(pins, cfg) == set() and table.table_reads == reads + 2  # 5 retired
+        assert table.check(pins, cfg) == set() and table.table_reads == reads + 2
+        map_address(pins, "10.250.9.3", 7)
+        map_address(pins, "10.250.9.4", 7)
+        assert peertable.Checker().check(pins, cfg) == {7}  # a new checker reads it all
 
 
 @pytest.mark.matrix
