@@ -17,6 +17,7 @@ families and their formatting, then the atomic write with its fsyncs).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +112,36 @@ class Load:
         self._write(ids, hists)
 
 
+class LoadProcess:
+    """The Load in a process of its own: it stands in for the programs, whose
+    memory is the kernel's, so the measured process holds nothing of it."""
+
+    def __init__(self, pin_dir: str, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_load_main, args=(pin_dir, n, theirs), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the load process did not fill the rows")
+
+    def move(self) -> None:
+        self.conn.send("move")
+        self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join()
+
+
+def _load_main(pin_dir: str, n: int, conn: Any) -> None:
+    with Pins(pin_dir) as pins:
+        load = Load(pins, n)
+        conn.send("ready")
+        while conn.recv() == "move":
+            load.move()
+            conn.send("moved")
+
+
 def _timed_cycle(
     pins: Pins,
     reader: noderows.NodeReader,
@@ -151,7 +183,7 @@ def child(n: int, cycles: int) -> BigCycle:
     try:
         with Pins(cfg.pin_dir) as pins, tempfile.TemporaryDirectory() as tmp:
             tablecheck._fill(pins, n)
-            load = Load(pins, n)
+            load = LoadProcess(cfg.pin_dir, n)
             reader = noderows.NodeReader(pins)
             checker = peertable.Checker()
             collector = TelemetryCollector(cfg)
@@ -171,6 +203,7 @@ def child(n: int, cycles: int) -> BigCycle:
                 times.append(parts)
             end = _status("VmRSS")
             reader.close()
+            load.close()
     finally:
         loader.unload(cfg.pin_dir)
     totals = sorted(sum(p.values()) for p in times)

@@ -216,7 +216,9 @@ def run_tablecheck(r: Report, plan: Plan) -> None:
         r.row(
             s,
             f"{c.peers} peers",
-            f"median {c.median_ms:.1f} ms, p95 {c.p95_ms:.1f} ms per cycle; "
+            f"median {c.median_ms:.1f} ms, p95 {c.p95_ms:.1f} ms per cycle "
+            f"(peer_info_map unchanged); reading peer_addr_map whole "
+            f"{c.read_median_ms:.1f} / {c.read_p95_ms:.1f} ms; "
             f"first check with the pool {c.pool_check_ms:.1f} ms",
         )
 

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentlab import EventDrain, attach, peer_id
-from ebpf_telemetry import config, layout, noderows
+from ebpf_telemetry import config, layout, lowwords, noderows
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS, quantiles, quantiles_rows, value_to_slot
 from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
@@ -225,3 +225,35 @@ def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
     after[:, 100] += 5  # past 2^32
     h = noderows.HistRows(7, Hist.empty(), np.arange(1, 7, dtype=np.int64), after, 2, 1, before)
     assert (h.added() == after - rows).all()
+
+
+@st.composite
+def low_rows(draw: Any) -> tuple[list[int], list[np.ndarray]]:
+    """Readings of a few ids, each a whole row: a narrow span or a wide one
+    (past lowwords.WIDTH), at the top slots, empty, near 2^32 in a slot."""
+    ids = draw(st.lists(st.integers(1, 9), min_size=1, max_size=9, unique=True))
+    rows = []
+    for _ in ids:
+        row = np.zeros(MAX_SLOTS, dtype=np.uint64)
+        lo = draw(st.integers(0, MAX_SLOTS - 1))
+        span = draw(st.sampled_from([0, 1, lowwords.WIDTH - 1, lowwords.WIDTH, 200]))
+        for s in {lo, min(lo + span, MAX_SLOTS - 1), draw(st.integers(lo, MAX_SLOTS - 1))}:
+            row[s] = draw(st.sampled_from([0, 1, 7, (1 << 32) - 1, 1 << 32, (1 << 32) + 5]))
+        rows.append(row)
+    return ids, rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(low_rows(), min_size=1, max_size=6))
+def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
+    """What LowWords gives back is every slot's low 32 bits of the last row
+    put for that id (0 for an id never put), however the rows' spans move
+    between the narrow form and the whole one."""
+    low, want = lowwords.LowWords(10), np.zeros((10, MAX_SLOTS), dtype=np.uint32)
+    for ids, rows in readings:
+        arr = np.array(ids, dtype=np.int64)
+        low.put(arr, np.array(rows, dtype=np.uint64))
+        want[arr] = np.array(rows, dtype=np.uint64).astype(np.uint32)
+        every = np.arange(10, dtype=np.int64)
+        assert (low.get(every) == want).all()
+        assert (low.get(arr[::-1]) == want[arr[::-1]]).all()

@@ -17,7 +17,7 @@ from ebpf_telemetry.families import counter, gauge
 from ebpf_telemetry.loader import Running
 from ebpf_telemetry.naming import Source
 from ebpf_telemetry.peertable import REPAIR_KINDS
-from ebpf_telemetry.snapshot import Window
+from ebpf_telemetry.snapshot import Snapshot
 from ebpf_telemetry.values import EVENT_TYPES
 
 
@@ -42,8 +42,8 @@ class AgentView(Protocol):
     source: Source | None
 
 
-def families(a: AgentView, w: Window) -> Iterator[Metric]:
-    n, st = a.node_name, w.cur.stats
+def families(a: AgentView, cur: Snapshot) -> Iterator[Metric]:
+    n, st = a.node_name, cur.stats
     sampled = counter("ebpf_events_sampled_total")
     for t in EVENT_TYPES.values():
         sampled.add_metric([n, t], st[f"sampled_{t}"])
@@ -61,11 +61,11 @@ def families(a: AgentView, w: Window) -> Iterator[Metric]:
     for kind in REPAIR_KINDS:
         repairs.add_metric([n, kind], a.repairs[kind])
     yield repairs
-    in_use = w.cur.peers_in_use()
+    in_use = cur.peers_in_use()
     for name, value in (
         ("ebpf_peers", float(in_use)),
-        ("ebpf_peers_max", float(w.cur.max_peers)),
-        ("ebpf_telemetry_last_update_timestamp_seconds", w.cur.wall),
+        ("ebpf_peers_max", float(cur.max_peers)),
+        ("ebpf_telemetry_last_update_timestamp_seconds", cur.wall),
         ("ebpf_telemetry_collect_duration_seconds", a.collect_seconds),
     ):
         fam = gauge(name)
@@ -73,7 +73,7 @@ def families(a: AgentView, w: Window) -> Iterator[Metric]:
         yield fam
     yield _source_sync(a)
     misses = counter("ebpf_bpf_misses_total")
-    for prog, count in sorted(w.cur.misses.items()):
+    for prog, count in sorted(cur.misses.items()):
         misses.add_metric([n, prog], count)
     yield misses
     yield from _running(a)

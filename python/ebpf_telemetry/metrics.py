@@ -52,9 +52,14 @@ RUNTIME_RESERVE = 64
 @dataclass(frozen=True)
 class Export:
     """What one interval exports, made whole in update() and swapped in at
-    once: a scrape of /metrics (another thread) never mixes two intervals."""
+    once: a scrape of /metrics (another thread) never mixes two intervals.
+    It holds the window's new reading and the few figures of the window
+    itself, not the window: the reading before is let go (at 16,384 peers a
+    reading holds ~4 MiB of rows; the agent would hold three at once)."""
 
-    window: Window
+    cur: Snapshot  # the window's new reading
+    rtt_host_us: tuple[float | None, float | None]  # the window's p50, p99
+    cpu_ratio: float | None  # the window's CPU utilisation
     choice: budget.Choice  # the peers with per-peer series
     labels: dict[int, dict[str, str]]  # node id -> node, peer, peer_zone
     zones: list[Metric]  # the zone families, rendered
@@ -109,7 +114,17 @@ class TelemetryCollector(Collector):
         """A new interval: the zones' counts and the peers the budget exports."""
         self.collect_seconds = collect_seconds
         self.zone_totals.add(window, self._zone_of(window))
-        unchosen = Export(window, budget.Choice([], 0), {}, [], self.detail, self.peer_buckets)
+        p50, p99 = window.rtt_quantiles_us(HOST, (0.5, 0.99))
+        unchosen = Export(
+            window.cur,
+            (p50, p99),
+            window.cpu_utilization,
+            budget.Choice([], 0),
+            {},
+            [],
+            self.detail,
+            self.peer_buckets,
+        )
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
         most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.host_buckets)
         zones = list(
@@ -144,17 +159,17 @@ class TelemetryCollector(Collector):
             return
         yield from self._always(e)
         yield from peerdetail.families(
-            e.detail, e.choice.exported, e.labels, e.window, e.peer_buckets
+            e.detail, e.choice.exported, e.labels, e.cur, e.peer_buckets
         )
 
     def _always(self, e: Export) -> Iterator[Metric]:
         """Every family outside the budget's cut (they hold the totals)."""
-        yield from self._host_rtt(e.window)
+        yield from self._host_rtt(e)
         yield from e.zones
-        yield self._drops(e.window)
-        yield from self._sched(e.window)
+        yield self._drops(e.cur)
+        yield from self._sched(e.cur, e.cpu_ratio)
         yield from self._budget_gauges(e.choice)
-        yield from agent_families(self, e.window)
+        yield from agent_families(self, e.cur)
 
     def _zone_of(self, w: Window) -> dict[int, str]:
         """node id -> peer zone, of the ids ZoneTotals.add() needs: none when
@@ -175,9 +190,9 @@ class TelemetryCollector(Collector):
             for p in choice.exported
         }
 
-    def _host_rtt(self, w: Window) -> Iterator[Metric]:
-        n = self.node_name
-        p50, p99 = w.rtt_quantiles_us(HOST, (0.5, 0.99))
+    def _host_rtt(self, e: Export) -> Iterator[Metric]:
+        n, cur = self.node_name, e.cur
+        p50, p99 = e.rtt_host_us
         for value, name in ((p50, "ebpf_rtt_p50_milliseconds"), (p99, "ebpf_rtt_p99_milliseconds")):
             fam = gauge(name)
             if value is not None:
@@ -185,22 +200,21 @@ class TelemetryCollector(Collector):
             yield fam
         host = histogram("ebpf_node_tcp_rtt_seconds")
         hb = self.host_buckets
-        add_histogram(host, {"node": n}, hb, w.cur.hist(HOST), w.cur.node(HOST).rtt_sum * US)
+        add_histogram(host, {"node": n}, hb, cur.hist(HOST), cur.node(HOST).rtt_sum * US)
         yield host
 
-    def _drops(self, w: Window) -> Metric:
+    def _drops(self, cur: Snapshot) -> Metric:
         drops = counter("ebpf_packet_drops_total")
-        for name, count in btf.drops_by_name(w.cur.drops).items():
+        for name, count in btf.drops_by_name(cur.drops).items():
             drops.add_metric([self.node_name, name], count)
         return drops
 
-    def _sched(self, w: Window) -> Iterator[Metric]:
-        n, host = self.node_name, w.cur.node(HOST)
+    def _sched(self, cur: Snapshot, ratio: float | None) -> Iterator[Metric]:
+        n, host = self.node_name, cur.node(HOST)
         runq = histogram("ebpf_runqueue_latency_seconds")
-        add_histogram(runq, {"node": n}, RUNQ_BUCKETS, w.cur.runqlat, host.runqlat_sum * US)
+        add_histogram(runq, {"node": n}, RUNQ_BUCKETS, cur.runqlat, host.runqlat_sum * US)
         yield runq
         util = gauge("ebpf_cpu_utilization_ratio")
-        ratio = w.cpu_utilization
         if ratio is not None:
             util.add_metric([n], ratio)
         yield util
@@ -219,11 +233,10 @@ def count_samples(fams: Iterable[Metric]) -> int:
     return sum(len(f.samples) for f in fams)
 
 
-def _idle_window() -> Window:
-    """A window of a host where nothing happened (the minimum's families)."""
+def _idle_reading() -> Snapshot:
+    """A reading of a host where nothing happened (the minimum's families)."""
     stats: defaultdict[str, int] = defaultdict(int)
-    zero = Snapshot(0.0, 0.0, {}, {}, stats, {}, Hist.empty(), {}, CpuTime(), {}, {}, 0, 0)
-    return Window(zero, zero)
+    return Snapshot(0.0, 0.0, {}, {}, stats, {}, Hist.empty(), {}, CpuTime(), {}, {}, 0, 0)
 
 
 def minimum_series(host: Buckets, peer: Buckets) -> int:
@@ -233,7 +246,7 @@ def minimum_series(host: Buckets, peer: Buckets) -> int:
     n_host = 2 + len(host.les) + 3 + len(RUNQ_BUCKETS.les) + 3 + 1
     n_zones = ZoneTotals.samples_per_zone(host)  # zones have every edge, as the host
     view = _MinimumView()
-    n_agent = count_samples(agent_families(view, _idle_window())) + 1 + 2  # sync, budget gauges
+    n_agent = count_samples(agent_families(view, _idle_reading())) + 1 + 2  # sync, budget gauges
     return n_host + n_zones + n_agent + RUNTIME_RESERVE
 
 

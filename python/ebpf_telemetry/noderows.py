@@ -9,9 +9,9 @@ loop over the peers (16,384 of them at most).
   nodes that moved since the reader's previous reading after that (the
   agent's cycle, NodeReader.take).
 
-A NodeReader keeps the low 32 bits of every histogram row it read (4 bytes
-a slot, 16 MiB at 16,384 peers with samples): the window's histogram of a
-node is the difference modulo 2^32 (exact below 2^32 samples in one slot in
+A NodeReader keeps the low 32 bits of every histogram row it read
+(lowwords.py: 4 MiB at 16,384 peers with samples): the window's histogram of
+a node is the difference modulo 2^32 (exact below 2^32 samples in one slot in
 one interval), and a node's row at the reader's last reading is its row now
 less what was added since (the same difference), read for that node only.
 """
@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from ebpf_telemetry.binding import BpfError, TelemetryError, ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS
+from ebpf_telemetry.lowwords import LowWords
 from ebpf_telemetry.nodes import PeerNames
 from ebpf_telemetry.pinned import PinnedMap
 from ebpf_telemetry.values import Hist, NodeMetrics
@@ -242,7 +243,7 @@ class NodeReader:
         n = self.view.nodes
         self.seq = 0
         self.last: U64Array | None = None
-        self.low = np.zeros((n, MAX_SLOTS), dtype=np.uint32)  # pages touched when written
+        self.low = LowWords(n)
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
         self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
 
@@ -256,8 +257,8 @@ class NodeReader:
             ids = ids[:0]
         rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
-        before = self.low[ids] if base else None
-        self.low[ids] = rows.astype(np.uint32)
+        before = self.low.get(ids) if base else None
+        self.low.put(ids, rows)
         self.read_at[ids] = self.seq
         self.last = metrics
         host = host_hist(self.pins["rtt_host_hist_map"])
@@ -268,7 +269,7 @@ class NodeReader:
     def _first(self, ids: IdArray) -> None:
         for a in range(0, len(ids), self.CHUNK):
             part = ids[a : a + self.CHUNK]
-            self.low[part] = lookup_rows(self.pins["rtt_hist_map"], part).astype(np.uint32)
+            self.low.put(part, lookup_rows(self.pins["rtt_hist_map"], part))
 
     def row_at(self, node: int, seq: int) -> U64Array:
         """node's row as it was at reading seq (which did not read it): now,
@@ -279,7 +280,8 @@ class NodeReader:
                 "keep the readings of one NodeReader in order"
             )
         now = lookup_rows(self.pins["rtt_hist_map"], np.array([node], dtype=np.int64))[0]
-        since = (now.astype(np.uint32) - self.low[node]).astype(np.uint64)
+        low = self.low.get(np.array([node], dtype=np.int64))[0]
+        since = (now.astype(np.uint32) - low).astype(np.uint64)
         out: U64Array = now - since
         return out
 

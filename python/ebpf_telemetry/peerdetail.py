@@ -16,7 +16,7 @@ from prometheus_client.core import Metric
 from ebpf_telemetry import noderows
 from ebpf_telemetry.budget import WINDOW_QUANTILES, PeerInput
 from ebpf_telemetry.families import US, Buckets, add_histogram, counter, histogram, summary
-from ebpf_telemetry.snapshot import Window
+from ebpf_telemetry.snapshot import Snapshot
 
 Q_LABELS = tuple(f"{q:g}" for q in WINDOW_QUANTILES)
 SHOWN = {"histogram": Q_LABELS, "quantiles": ("0.5", "0.99")}  # quantiles per detail
@@ -26,19 +26,21 @@ def families(
     detail: str,
     peers: Sequence[PeerInput],
     labels: dict[int, dict[str, str]],
-    w: Window,
+    cur: Snapshot,
     buckets: Buckets,
 ) -> Iterator[Metric]:
-    """The families of detail for peers (labels: node id -> node, peer, peer_zone)."""
+    """The families of detail for peers (labels: node id -> node, peer,
+    peer_zone), from the window's new reading `cur` and the peers' window
+    quantiles (PeerInput)."""
     if detail not in SHOWN:
         return
     if detail == "histogram":
         hist = histogram("ebpf_tcp_rtt_seconds")
         for p in peers:
-            m = w.cur.node(p.node)
-            add_histogram(hist, labels[p.node], buckets, w.cur.hist(p.node), m.rtt_sum * US)
+            m = cur.node(p.node)
+            add_histogram(hist, labels[p.node], buckets, cur.hist(p.node), m.rtt_sum * US)
         yield hist
-    rows = w.cur.metric_array()[[p.node for p in peers]]  # their counters, at once
+    rows = cur.metric_array()[[p.node for p in peers]]  # their counters, at once
     if detail != "histogram":
         samples = counter("ebpf_tcp_rtt_samples_total")
         for p, count in zip(peers, rows[:, noderows.RTT_COUNT].tolist(), strict=True):

@@ -226,8 +226,11 @@ class Window:
         pos = np.searchsorted(cur.ids, ids)
         pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
         found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
-        rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
-        rows[found] = self._added[pos[found]]
+        if found.all():  # the common case: one copy, no temporary
+            rows = self._added[pos]
+        else:
+            rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
+            rows[found] = self._added[pos[found]]
         whole = self.owner_changed[ids] | (
             self.cur.metric_array()[ids, noderows.RTT_COUNT]
             < self.prev.metric_array()[ids, noderows.RTT_COUNT]
