@@ -20,7 +20,7 @@ Pure: no kernel, no prometheus_client. The collector (metrics.py) owns one
 Budget. candidates() computes the inputs from the window's arrays at once
 (numpy, no Python loop over every peer: 16,384 of them fit): the ranking
 keys of every peer, then PeerInputs only for those the choice can take (the
-best `fit` and their ties, the held ones with traffic); idle peers are listed
+best `fit`, ties broken by label, and the held ones with traffic); idle peers are listed
 only when fewer than `fit` have traffic. peer_inputs() is the scalar
 definition (one peer at a time), kept for tests and small tables.
 """
@@ -116,7 +116,8 @@ def candidates(
     found = q_ids[pos] == ids if len(q_ids) else np.zeros(len(ids), dtype=np.bool_)
     quant[found] = q[pos[found]]
     active = (retrans > 0) | ~np.isnan(quant[:, 0])
-    take = _best(retrans, quant[:, -1], active, fit) | _held(ids, peers, held, active)
+    best = _best(retrans, quant[:, -1], active, fit, lambda j: peers[int(ids[j])])
+    take = best | _held(ids, peers, held, active)
     inputs = [
         PeerInput(int(i), peers[int(i)], int(r), tuple(None if math.isnan(v) else v for v in qs))
         for i, r, qs in zip(ids[take], retrans[take], quant[take].tolist(), strict=True)
@@ -147,9 +148,12 @@ def _best(
     p99: npt.NDArray[np.float64],
     active: npt.NDArray[np.bool_],
     fit: int,
+    label: Callable[[int], str],
 ) -> npt.NDArray[np.bool_]:
-    """The active peers among the first `fit` by rank_key, with every peer
-    tied with the last of them (the label, the last key, decides among those)."""
+    """The active peers among the first `fit` by rank_key: by the arrays, then
+    among those tied with the fit-th, the smallest labels (label(position))
+    for the places left (the labels of the tied only: often hundreds share
+    one p99 bucket and no retransmit, never all 16,384)."""
     if active.sum() <= fit:
         return active.copy()
     if fit <= 0:
@@ -157,7 +161,11 @@ def _best(
     r = np.where(active, -retrans.astype(np.float64), np.inf)
     p = np.where(np.isnan(p99), np.inf, -p99)
     last = np.lexsort((p, r))[fit - 1]
-    best: npt.NDArray[np.bool_] = active & ((r < r[last]) | ((r == r[last]) & (p <= p[last])))
+    tied = active & (r == r[last]) & (p == p[last])
+    best: npt.NDArray[np.bool_] = active & ((r < r[last]) | ((r == r[last]) & (p < p[last])))
+    need = fit - int(best.sum())
+    first = heapq.nsmallest(need, ((label(j), j) for j in np.flatnonzero(tied).tolist()))
+    best[[j for _, j in first]] = True
     return best
 
 

