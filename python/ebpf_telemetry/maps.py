@@ -76,8 +76,9 @@ class Pins:
         """A per-CPU array of __u64, summed over CPUs: one int per index."""
         m = self[name]
         n, vals = m.array_rows()
-        words, k = memoryview(ffi.buffer(vals)).cast("Q"), m.ncpu
-        return [sum(words[i * k : (i + 1) * k]) for i in range(n)]
+        words = np.frombuffer(ffi.buffer(vals), dtype=np.uint64, count=n * m.ncpu)
+        sums: list[int] = words.reshape(n, m.ncpu).sum(axis=1, dtype=np.uint64).tolist()
+        return sums
 
     def stats(self) -> dict[str, int]:
         per = self.counters("stats_map")
