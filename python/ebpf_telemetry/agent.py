@@ -9,6 +9,7 @@ kept).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -144,6 +145,10 @@ class Agent:
     def _loop(self, once: bool) -> int:
         self.start()
         prev = take(self.pins, self.reader)
+        # what start made (modules, BPF objects, tables) lives as long as the
+        # agent: out of the cyclic collector's reach, a full collection scans
+        # only what cycles make (at 16,384 peers one took 30-100 ms here)
+        gc.freeze()
         deadline = prev.monotonic + self.cfg.interval_seconds
         while True:
             self.signals.wait(deadline - time.monotonic())

@@ -211,8 +211,9 @@ class Window:
         if not self._follows or not isinstance(cur, noderows.HistRows):
             return None
         d = self.deltas[:, [noderows.RTT_COUNT, noderows.RTT_SUM, noderows.RETRANS]]
-        ids = np.flatnonzero(d.any(axis=1) | self.owner_changed)
-        return np.union1d(ids, cur.ids.astype(np.int64)).astype(np.int64)
+        mask = d.any(axis=1) | self.owner_changed
+        mask[cur.ids] = True  # a mask, not np.union1d: no sort (nor numpy.ma's import)
+        return np.flatnonzero(mask).astype(np.int64)
 
     def hist_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
         """The window's histogram slots of ids (not the host), one row each."""
