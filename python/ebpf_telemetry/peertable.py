@@ -239,7 +239,8 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: Mapping[int, int], n
         inside = known < len(last)
         last[known[inside]] = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))[inside]
     moved = np.zeros(len(flags), dtype=np.bool_)
-    moved[[i for i in active if 0 <= i < len(flags)]] = True
+    act = np.fromiter(active, dtype=np.int64, count=len(active))
+    moved[act[(act >= 0) & (act < len(flags))]] = True
     auto, retiring = (flags & lib.PEER_AUTO) != 0, (flags & lib.PEER_RETIRING) != 0
     auto[0] = retiring[0] = False  # node 0 is the host
     touch = auto & (moved | (last == 0) | (last > now))
