@@ -81,16 +81,16 @@ def run_hooks(r: Report, plan: Plan) -> None:
     r.notes.extend(h.notes)
     for wl in hooks.WORKLOADS:
         s = f"1. per-event cost (bpf_stats, {wl}, all attached at once; load {h.load[wl]:.2f})"
-        for c in (c for c in h.costs if c.workload == wl):
+        for c in sorted((c for c in h.costs if c.workload == wl), key=lambda c: (c.hook, c.who)):
             r.row(s, f"{c.hook:<16} {c.who}", _hook_cost(c))
         for who in ("ours", "runqlat"):
             r.row(
                 s,
                 f"{'sched, total':<16} {who}",
-                f"{fmt(h.sched_total(who, wl), '.0f', ' ns')} per context switch "
-                "(run_time_ns of its programs on sched_wakeup, sched_wakeup_new and "
-                "sched_switch, summed, / sched_switch runs)",
+                f"{fmt(h.sched_total(who, wl), '.0f', ' ns')} per context switch",
             )
+        r.row(s, "", "(sched, total: run_time_ns of its programs on the three sched hooks")
+        r.row(s, "", " summed, / sched_switch runs; ours has none on the wakeup hooks)")
     for sp in hooks.probe_split(plan.hook_seconds / 2):
         r.add(f"tcp_probe {sp.workload}", sp)
         r.row(
