@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import structlog
 
@@ -73,7 +74,7 @@ def main() -> int:
             t = st.enter_context(probes.telemetry(f"vs-{tag}", obj=obj))
             ids |= {(h, tag): i for h, i in t.prog_ids().items() if h in HOOKS}
         port = st.enter_context(workload.sockperf_server())
-        runs = {
+        runs: dict[str, Callable[[], object]] = {
             "ping-pong": lambda: workload.ping_pong(port, a.seconds),
             "bulk": lambda: hooks.bulk(a.seconds),
         }
