@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-/* The floor: empty tp_btf programs on the hooks ebpf-telemetry uses. The
- * benchmark attaches them beside ours; their bpf_stats per-event cost is
- * the dispatch + stats overhead every program on that hook pays. */
+/* The floor: empty tp_btf programs on the hooks ebpf-telemetry uses, and on
+ * sched_wakeup, where runqlat runs and ebpf-telemetry does not (since its
+ * sched collector is one sched_switch program). The benchmark attaches them
+ * beside ours; their bpf_stats per-event cost is the dispatch + stats
+ * overhead every program on that hook pays. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>

@@ -2,9 +2,9 @@
 drains at sample_rate 1 before the kernel counts lost events.
 
 Load: `sockperf tp` paced at rising message rates on loopback (each small
-segment is a tcp_probe RTT event; its wake-ups add runqlat events); the
-offered rate is what the kernel submitted (stats_map sampled_*), the CLI
-writes JSON lines to a pipe this process counts."""
+segment is a tcp_probe RTT event; the switches that end its waits add
+runqlat events); the offered rate is what the kernel submitted (stats_map
+sampled_*), the CLI writes JSON lines to a pipe this process counts."""
 
 from __future__ import annotations
 

@@ -1,6 +1,14 @@
 """1. Per-event cost of each hook (bpf_stats), ours beside the empty floor,
 bpftrace (tcp_probe) and libbpf-tools runqlat (sched), all attached together
-under one sockperf ping-pong, so every program sees the same events."""
+under one workload, so every program sees the same events; two workloads in
+turn: sockperf ping-pong and a one-way bulk transfer.
+
+Our sched collector is one sched_switch program (variant rq_clock, no task
+storage): nothing of ours runs on sched_wakeup or sched_wakeup_new, whose
+rows say so. runqlat runs on all three (it stamps the wakeup in a hash map
+and reads it back at the switch), so the sched comparison is of totals: each
+tool's run_time_ns summed over its programs on the sched hooks, divided by
+the context switches (sched_switch runs) of the same interval."""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import probes
@@ -19,15 +28,21 @@ from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import take
 
 EMPTY_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "empty.bpf.c")
-HOOKS = ("tcp_probe", "sched_wakeup", "sched_wakeup_new", "sched_switch")
+SCHED_HOOKS = ("sched_wakeup", "sched_wakeup_new", "sched_switch")
+HOOKS = ("tcp_probe", *SCHED_HOOKS)
+NAME_LEN = 15  # the kernel keeps 15 characters of a program's name
+WORKLOADS = ("ping-pong", "bulk")
 
 
 @dataclass(frozen=True)
 class HookCost:
     hook: str
     who: str  # ours, ours-cold (first on the hook), empty, bpftrace, runqlat
-    ns: float | None
+    workload: str
+    ns: float | None  # per run of this program; 0.0: nothing of `who` attached
     events: int
+    run_time_ns: int = 0
+    attached: bool = True
 
 
 @dataclass
@@ -35,12 +50,31 @@ class HookResult:
     costs: list[HookCost]
     seconds: float
     notes: list[str]
+    load: dict[str, float]  # workload -> 1-minute load average right after it
 
-    def ns(self, hook: str, who: str) -> float | None:
+    def ns(self, hook: str, who: str, load: str = "ping-pong") -> float | None:
         for c in self.costs:
-            if c.hook == hook and c.who == who:
+            if c.hook == hook and c.who == who and c.workload == load:
                 return c.ns
         return None
+
+    def sched_total(self, who: str, load: str = "ping-pong") -> float | None:
+        """ns per context switch of everything `who` runs on the sched hooks:
+        its run_time_ns summed over sched_wakeup, sched_wakeup_new and
+        sched_switch, divided by the sched_switch runs of the interval (every
+        program on a hook runs once per event, so any program's count is it)."""
+        mine = [c for c in self.costs if c.workload == load and c.hook in SCHED_HOOKS]
+        switches = max((c.events for c in mine if c.hook == "sched_switch"), default=0)
+        runs = [c for c in mine if c.who == who and c.attached]
+        if not switches or not runs:
+            return None
+        return sum(c.run_time_ns for c in runs) / switches
+
+
+def hook_of(prog_name: str) -> str | None:
+    """The hook a comparison tool's program is on, from its (truncated) name:
+    runqlat's tp_btf programs are named for their hook."""
+    return next((h for h in HOOKS if prog_name == h[:NAME_LEN]), None)
 
 
 def _watch(
@@ -51,14 +85,23 @@ def _watch(
     ids |= {(name.removeprefix("empty_"), "empty"): i for name, i in empty.ids.items()}
     for tool in tools:
         for name, i in tool.ids.items():
-            hook = "tcp_probe" if tool.name == "bpftrace" else name
+            hook = "tcp_probe" if tool.name == "bpftrace" else hook_of(name)
             if hook in HOOKS:
                 ids[(hook, tool.name)] = i
     return ids
 
 
+def _runs(port: int, seconds: float) -> dict[str, Callable[[], object]]:
+    return {
+        "ping-pong": lambda: workload.ping_pong(port, seconds),
+        "bulk": lambda: bulk(seconds),
+    }
+
+
 def measure(seconds: float) -> HookResult:
     notes: list[str] = []
+    costs: list[HookCost] = []
+    load: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         empty_obj = probes.compile_bpf(EMPTY_SRC, os.path.join(tmp, "empty.bpf.o"))
         # programs on one hook run in attach order; the first to read the
@@ -77,16 +120,26 @@ def measure(seconds: float) -> HookResult:
                     notes.append(f"{tool.name}: could not run: {tool.error}")
             ids = _watch(t, empty, tools)
             ids |= {(h, "ours-cold"): i for h, i in cold.prog_ids().items() if h in HOOKS}
-            with stats_enabled():
-                before = {k: prog_stats(i) for k, i in ids.items()}
-                workload.ping_pong(port, seconds)
-                after = {k: prog_stats(i) for k, i in ids.items()}
-    costs = [_cost(k, after[k].since(before[k])) for k in sorted(ids)]
-    return HookResult(costs, seconds, notes)
+            for wl, run in _runs(port, seconds).items():
+                with stats_enabled():
+                    before = {k: prog_stats(i) for k, i in ids.items()}
+                    run()
+                    after = {k: prog_stats(i) for k, i in ids.items()}
+                load[wl] = os.getloadavg()[0]
+                costs += [_cost(k, wl, after[k].since(before[k])) for k in sorted(ids)]
+                costs += _nothing_attached(ids, wl)
+    return HookResult(costs, seconds, notes, load)
 
 
-def _cost(key: tuple[str, str], d: ProgStats) -> HookCost:
-    return HookCost(key[0], key[1], d.ns_per_event, d.run_cnt)
+def _cost(key: tuple[str, str], wl: str, d: ProgStats) -> HookCost:
+    return HookCost(key[0], key[1], wl, d.ns_per_event, d.run_cnt, d.run_time_ns)
+
+
+def _nothing_attached(ids: dict[tuple[str, str], int], wl: str) -> list[HookCost]:
+    """A row for each hook none of our programs is on: 0 ns per event."""
+    return [
+        HookCost(h, "ours", wl, 0.0, 0, 0, attached=False) for h in HOOKS if (h, "ours") not in ids
+    ]
 
 
 # -- tcp_probe: segments that carry an RTT measurement, and those that do not --------

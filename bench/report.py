@@ -15,6 +15,7 @@ class Target:
     unit: str
     limit: float
     at_least: bool = False  # the figure must be >= limit (else <=)
+    load: float | None = None  # 1-minute load average when the figure was taken
 
     @property
     def met(self) -> bool | None:
@@ -37,11 +38,16 @@ class Report:
     def row(self, section: str, measure: str, value: str) -> None:
         self.rows.append((section, measure, value))
 
-    def target(self, name: str, figure: float | None, unit: str, limit: float) -> None:
-        self.targets.append(Target(name, figure, unit, limit))
+    def target(
+        self, name: str, figure: float | None, unit: str, limit: float, load: float | None = None
+    ) -> None:
+        """load: the 1-minute load average when the figure was taken (now if not given)."""
+        self.targets.append(Target(name, figure, unit, limit, False, _load(load)))
 
-    def target_min(self, name: str, figure: float | None, unit: str, limit: float) -> None:
-        self.targets.append(Target(name, figure, unit, limit, at_least=True))
+    def target_min(
+        self, name: str, figure: float | None, unit: str, limit: float, load: float | None = None
+    ) -> None:
+        self.targets.append(Target(name, figure, unit, limit, True, _load(load)))
 
     def add(self, name: str, data: Any) -> None:
         self.sections[name] = _plain(data)
@@ -55,12 +61,15 @@ class Report:
                 out.append(f"\n== {section}")
                 last = section
             out.append(f"  {measure:<{w}}  {value}")
-        out.append("\n== targets")
+        out.append("\n== targets (load: the 1-minute load average when the figure was taken)")
         tw = max(len(t.name) for t in self.targets) if self.targets else 10
         for t in self.targets:
             fig = "-" if t.figure is None else f"{t.figure:.3g}"
             op = ">=" if t.at_least else "<="
-            out.append(f"  {t.name:<{tw}}  {fig:>8} {t.unit:<4} {op} {t.limit:<6g} {t.status}")
+            out.append(
+                f"  {t.name:<{tw}}  {fig:>8} {t.unit:<4} {op} {t.limit:<6g} {t.status:<7}"
+                f"  load {fmt(t.load, '.2f')}"
+            )
         out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out)
 
@@ -85,6 +94,10 @@ def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     return x
+
+
+def _load(load: float | None) -> float:
+    return os.getloadavg()[0] if load is None else load
 
 
 def fmt(x: float | None, spec: str = ".0f", unit: str = "") -> str:

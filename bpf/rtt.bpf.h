@@ -47,9 +47,10 @@ static __always_inline void record_rtt(const struct settings *s, __u32 node, __u
 	metrics_add_rtt_shared(peer, us);
 	if (overflow)
 		stat_inc(STAT_PEERS_OVERFLOW);
-	/* the clock is read only for sampled events: timestamp = the last one */
+	/* the clock is read only for sampled events: timestamp = the last one;
+	 * the host's per-CPU sample count is the sampling counter */
 	if (KEEP(ABLATE_EVENT))
-		ts = emit_event(s, EVENT_RTT, node, us, port);
+		ts = emit_counted_event(s, host ? &host->rtt_count : NULL, EVENT_RTT, node, us, port);
 	if (ts) {
 		if (host)
 			host->timestamp = ts;

@@ -34,13 +34,17 @@ static __always_inline void record_runqlat(const struct settings *s, __u64 delta
 	__u64 us = delta_ns / 1000;
 	struct node_metrics *m;
 
-	hist_add(&runqlat_hist_map, NODE_HOST, value_to_slot(us));
-	m = host_metrics();
+	if (KEEP(ABLATE_HOST_HIST))
+		hist_add(&runqlat_hist_map, NODE_HOST, KEEP(ABLATE_SLOT) ? value_to_slot(us) : 0);
+	m = KEEP(ABLATE_METRICS) ? host_metrics() : NULL;
 	if (m) {
 		m->runqlat_sum += us;
 		m->runqlat_count += 1;
 	}
-	emit_event(s, EVENT_RUNQLAT, NODE_HOST, us, pid);
+	/* this CPU's count is the sampling counter: no look-up of one */
+	if (KEEP(ABLATE_EVENT))
+		emit_counted_event(s, m ? &m->runqlat_count : NULL, EVENT_RUNQLAT, NODE_HOST, us,
+				   pid);
 }
 
 SEC("tp_btf/sched_switch")

@@ -385,6 +385,24 @@ def test_sample_rate_100_sends_about_one_percent(make_config: Any) -> None:
     assert abs(sent - samples / 100) <= os.cpu_count() + 1, (sent, samples)
 
 
+def test_sample_rate_100_sends_one_runqlat_event_in_100(make_config: Any) -> None:
+    """The sched collector samples on its per-CPU runqlat_count (the count it
+    keeps anyway, no sampling counter of its own): 1 arrival in 100 per CPU."""
+    with attach(make_config(sample_rate=100)) as pins:
+        lease = Lease(pins.pin_dir, seconds=60)  # a consumer that does not read
+        before = take(pins)
+        for _ in range(3000):
+            time.sleep(0.0002)  # load, not synchronisation: each wakeup is an arrival
+        after = take(pins)
+        lease.release()
+    samples = Window(before, after).node(0).runqlat_count
+    sent = after.stats["sampled_runqlat"] - before.stats["sampled_runqlat"]
+    # at most one partial cycle per CPU either way; the machine's other
+    # switches between a snapshot's reads of the two maps: 5% of the events
+    assert samples >= 3000
+    assert abs(sent - samples / 100) <= os.cpu_count() + 1 + samples / 2000, (sent, samples)
+
+
 def test_full_ring_buffer_counts_losses(make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EBPF_TELEMETRY_RINGBUF_BYTES", str(16 * 4096))  # 64 KiB: ~1600 events
     with Netns("a") as a, Netns("b") as b:
