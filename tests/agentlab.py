@@ -22,6 +22,7 @@ from ebpf_telemetry.values import TelemetryEvent
 # CPU. Tests there assert counts, exact relations and wide ratios; a bound on
 # wall-clock time (or a latency) holds on the host and under KVM only.
 EMULATED = os.environ.get("EBPF_TELEMETRY_EMULATED") == "1"
+DRAIN_LEASE_SECONDS = 3600.0  # EventDrain's: no test window lasts that long
 # collectors the kernel under test cannot run (kernel_matrix.py sets it from
 # the series' expectations, e.g. rtt on 5.10): skipped there, not a failure
 EXPECT_SKIPPED = frozenset(
@@ -56,11 +57,14 @@ def peer_id(snap: Snapshot, label: str) -> int:
 
 
 class EventDrain:
-    """Collect every event of the pinned ring buffer in a thread, until closed."""
+    """Collect every event of the pinned ring buffer in a thread, until closed.
+    Its lease lasts until then: the tests count events against the kernel's
+    own counts, and a drain thread starved of CPU (emulated, 2 x CPUs
+    spinners) once let a 3 s lease lapse, the kernel sending nothing meanwhile."""
 
     def __init__(self, pin_dir: str) -> None:
         self.events: list[TelemetryEvent] = []
-        self.reader = EventReader(pin_dir, self._on_event)
+        self.reader = EventReader(pin_dir, self._on_event, lease_seconds=DRAIN_LEASE_SECONDS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

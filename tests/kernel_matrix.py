@@ -68,8 +68,9 @@ class Series:
 # every collector's best variants of an old series (6.1) and on the host (new:
 # 6.18); `smoke` proves the others load, every collector they can run
 # reports, and the exact counts (run-queue arrivals against schedstat,
-# retransmits against SNMP, one RTT sample per round trip).
-TIERS = {"full": "-m matrix", "smoke": "-m smoke"}
+# retransmits against SNMP, one RTT sample per round trip); `rt` is `smoke`
+# and the tests of what PREEMPT_RT changes (programs interleaving on a CPU).
+TIERS = {"full": "-m matrix", "smoke": "-m smoke", "rt": "-m 'smoke or rt'"}
 
 
 # what `make test-kernels` boots: Debian 12's 6.12 is left out (6.12-rt is the
@@ -96,7 +97,7 @@ SERIES = {
     ),
     "6.12-rt": Series(
         r"linux-image-(6\.12\.\d+\+deb13-rt-amd64)",
-        "smoke",
+        "rt",
         ((DEBIAN, "trixie"), (SECURITY, "trixie-security")),
         _expect(),
     ),

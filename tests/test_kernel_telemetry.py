@@ -306,17 +306,13 @@ def test_runqueue_latency_equals_schedstat(make_config: Any) -> None:
             assert seen.sure <= sl.runs
             assert sum(seen.us[: seen.sure]) <= delay_us
             continue
-        if EMULATED and kernel_at_least(6, 12):
-            # OPEN (issue 19): under TCG, 6.12-rt and 7.3.4 showed 7-56% of the
-            # sleeper's arrivals with no event (no ring loss; cause not found);
-            # 6.1, 5.10 and the host are within 1%. Here: never more events
-            # than arrivals, and some, until it is understood
-            assert seen.sure <= sl.runs and seen.us
-            assert sum(seen.us[: sl.runs]) <= delay_us
-            continue
-        # equal in most runs; under load on the host (6.18) one arrival in
-        # ~370 had no event in some runs (no recursion miss, no ring loss,
-        # cause not found yet): never more events than arrivals
+        # equal in most runs. Under TCG, 6.12-rt and 7.3.4 once lost 7-56%:
+        # the drain's 3 s lease lapsed (its thread went >2 s unpolled under
+        # the spinners) and the kernel sent nothing; EventDrain's lease now
+        # outlasts the test. On the host (6.18) under load, one arrival in
+        # ~370 still had no event in some runs (no recursion miss, no ring
+        # loss, no lease lapse; cause not found): never more events than
+        # arrivals, at most 1% fewer
         assert seen.sure <= sl.runs <= len(seen.us) + sl.runs // 100
         # each event is floor(wait_ns / 1000) of a wait that run_delay holds;
         # run_delay also holds the part of a wait before a load-balancing

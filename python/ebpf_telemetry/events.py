@@ -33,6 +33,7 @@ POLL_MS = 100  # the kernel wakes us only for large batches; poll on a timer too
 BATCH = 4096  # JSON lines per write
 LEASE_SECONDS = 3.0  # a consumer killed without giving its lease back stops events this soon
 RENEW_SECONDS = 1.0
+RENEW_EVERY = 1024  # events: a drain that long also renews (one clock read per this many)
 
 
 class Lease:
@@ -64,11 +65,25 @@ class Lease:
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def ebt_ringbuf_cb(ctx: Any, data: Any, size: int) -> int:
     reader: EventReader = ffi.from_handle(ctx)
+    reader.delivered += 1
+    if not reader.delivered % RENEW_EVERY:
+        # ring_buffer__consume() returns only once the ring is empty: a busy
+        # ring would hold it past the lease, and the kernel would stop sending
+        reader.lease.renew()
     return reader.deliver(bytes(ffi.buffer(data, size)))
 
 
 class EventReader:
-    def __init__(self, pin_dir: str, on_event: Callable[[TelemetryEvent], bool]) -> None:
+    """lease_seconds: how long the kernel keeps sending if this reader stops
+    polling (killed, or starved of CPU): events sampled after that are not
+    sent, nor counted anywhere."""
+
+    def __init__(
+        self,
+        pin_dir: str,
+        on_event: Callable[[TelemetryEvent], bool],
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
         PinnedMap(pin_dir, "events").close()  # checks it is our ring buffer
         # one consumer at a time: two would share one ring position, each
         # seeing part of the events
@@ -84,7 +99,8 @@ class EventReader:
             lib.ring_buffer__new(self.fd, lib.ebt_ringbuf_sample, self.handle, ffi.NULL),
             "ring buffer",
         )
-        self.lease = Lease(pin_dir)
+        self.lease = Lease(pin_dir, lease_seconds)
+        self.delivered = 0
         self.done = False
 
     def deliver(self, raw: bytes) -> int:
