@@ -44,7 +44,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypeAlias, TypeVar
@@ -428,7 +428,17 @@ def _configure_end(
     ifaces: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
     routes: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
     mtu: int | None,
+    gateways: Mapping[int, str] | None = None,
 ) -> None:
+    """Address ``ifname``, bring it up, route ``routes`` over it.
+
+    A route goes via the other end's primary address of its family when there
+    is one (``gateways``, by IP version): one neighbour entry for any number
+    of addresses. Link-scope routes would need one ARP/NDP entry per address,
+    and past ``gc_thresh3`` (1024, shared by every namespace) new entries
+    fail with "neighbor table overflow" and SYNs are lost.
+    """
+    gateways = gateways or {}
     with IPRoute() as ipr:
         (idx,) = ipr.link_lookup(ifname=ifname)
         if mtu is not None:
@@ -437,13 +447,15 @@ def _configure_end(
             _add_addr(ipr, idx, iface)
         ipr.link("set", index=idx, state="up")
         for net in routes:
+            via = gateways.get(net.version)
+            hop: dict[str, Any] = {"gateway": via} if via else {"scope": _RT_SCOPE_LINK}
             ipr.route(
                 "add",
                 dst=str(net.network_address),
                 dst_len=net.prefixlen,
                 oif=idx,
-                scope=_RT_SCOPE_LINK,
                 family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
+                **hop,
             )
 
 
@@ -476,6 +488,19 @@ def _uncovered(
         if not covered and net not in nets:
             nets.append(net)
     return nets
+
+
+def _gateways(
+    other: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+    local: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+) -> dict[int, str]:
+    """By IP version: the first of ``other`` (the far end's primaries) on a
+    network ``local`` is connected to, usable as a next hop."""
+    out: dict[int, str] = {}
+    for iface in other:
+        if iface.version not in out and not _uncovered([iface], local):
+            out[iface.version] = str(iface.ip)
+    return out
 
 
 def veth_pair(
@@ -511,8 +536,10 @@ def veth_pair(
     ifaces_a, ifaces_b = prim_a + ext_a, prim_b + ext_b
 
     run_in_netns(a, _create_veth, ifname_a, ifname_b, b)
-    run_in_netns(a, _configure_end, ifname_a, ifaces_a, _uncovered(ifaces_b, ifaces_a), mtu)
-    run_in_netns(b, _configure_end, ifname_b, ifaces_b, _uncovered(ifaces_a, ifaces_b), mtu)
+    routes_a, routes_b = _uncovered(ifaces_b, ifaces_a), _uncovered(ifaces_a, ifaces_b)
+    gw_a, gw_b = _gateways(prim_b, prim_a), _gateways(prim_a, prim_b)
+    run_in_netns(a, _configure_end, ifname_a, ifaces_a, routes_a, mtu, gw_a)
+    run_in_netns(b, _configure_end, ifname_b, ifaces_b, routes_b, mtu, gw_b)
 
     addrs_a = [str(i.ip) for i in ifaces_a]
     addrs_b = [str(i.ip) for i in ifaces_b]
