@@ -177,8 +177,10 @@ class Window:
             prev = rows
         counters = np.ones(noderows.WORDS, dtype=np.bool_)
         counters[list(noderows.LATEST)] = False
-        whole = self.owner_changed | (cur[:, counters] < prev[:, counters]).any(axis=1)
-        out = cur - np.where(whole[:, None], 0, prev).astype(np.uint64)
+        out = cur - prev  # modulo 2^64: a counter that went back wraps above cur
+        whole = self.owner_changed | (out > cur)[:, counters].any(axis=1)
+        if whole.any():  # ids reused or maps reset: all of cur
+            out[whole] = cur[whole]
         out[:, ~counters] = cur[:, ~counters]
         return out
 
