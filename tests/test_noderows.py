@@ -156,6 +156,30 @@ def test_window_arrays_agree_with_the_per_node_accessors() -> None:
         assert row.tolist() == pytest.approx(w.rtt_quantiles_us(i, (0.5, 0.99)))
 
 
+WORD_VALUES = st.one_of(
+    st.integers(0, 3), st.integers(0, 2**64 - 1), st.sampled_from([2**63, 2**64 - 1])
+)
+METRICS_ST = st.builds(
+    NodeMetrics, **{name: WORD_VALUES for name in noderows.WORD}  # every word of the struct
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(METRICS_ST, METRICS_ST, st.booleans()), min_size=4, max_size=4))
+def test_window_deltas_equal_the_per_node_differences(
+    rows: list[tuple[NodeMetrics, NodeMetrics, bool]],
+) -> None:
+    """Window.deltas (every row at once, modulo 2^64) = NodeMetrics.since per
+    node: counters that went back (maps reset) and ids that changed hands
+    give all of cur, the `latest` words are cur's."""
+    prev = snapshot({i: a for i, (a, _, _) in enumerate(rows)}, {}, {1: "a", 2: "b", 3: "c"})
+    moved = {i: f"{label}2" if rows[i][2] else label for i, label in prev.peers.items()}
+    cur = snapshot({i: b for i, (_, b, _) in enumerate(rows)}, {}, moved)
+    w = Window(prev, cur)
+    for i in range(len(rows)):
+        assert noderows.metrics_of(w.deltas[i]) == w.node(i), i
+
+
 # -- the largest table on the real kernel ---------------------------------------------
 
 
