@@ -232,14 +232,14 @@ def run_bigtable(r: Report, plan: Plan) -> None:
             f"{b.peers:>6} peers ({b.moving} moving)",
             f"median {b.median_ms:.1f} ms, p95 {b.p95_ms:.1f} ms = {parts}; "
             f"CPU {b.cpu_pct:.2f} % at 5 s; RSS {b.rss_mb:.0f} MB peak, {b.rss_end_mb:.0f} MB "
-            f"at the end ({b.rss_base_mb:.0f} MB before the table); {b.textfile_bytes:,} B",
+            f"at the end ({b.rss_base_mb:.0f} MB before the table); {b.textfile_bytes:,} B, "
+            f"{b.samples:,} samples (exposition "
+            f"{1e3 * b.parts_ms['exposition'] / max(b.samples, 1):.1f} us a sample)",
         )
     top = big[-1]
     r.target(f"cycle p95 at {top.peers} peers", top.p95_ms, "ms", 20.0)
     r.target(f"CPU at {top.peers} peers, 5 s interval", top.cpu_pct, "%", 0.5)
     r.target(f"RSS (peak) at {top.peers} peers", top.rss_mb, "MB", 80.0)
-    r.target(f"CPU at {top.peers} peers", top.cpu_pct, "%", 0.5)
-    r.target(f"RSS at {top.peers} peers", top.rss_mb, "MB", 80.0)
 
 
 def run_tablecheck(r: Report, plan: Plan) -> None:
