@@ -112,12 +112,12 @@ def textfile(d: dict[str, Any]) -> str:
     zero = Snapshot(snap.monotonic - 5, snap.wall - 5, {}, {}, dict.fromkeys(snap.stats, 0),
                     snap.peers, Hist.empty(), {}, CpuTime(), {}, {}, 0, snap.max_peers)  # fmt: skip
     collector = TelemetryCollector(Config(node_name="node-a"))
-    collector.update(Window(zero, snap), 0.0023)
-    collector.reload = ReloadState(True, zero.wall)  # started one interval before
-    collector.collectors = [Running(c, v, "attached") for c, v in d["collectors"].items()]
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    with recorded_kernel(d):
+    with recorded_kernel(d):  # drop reasons are named in update()
+        collector.update(Window(zero, snap), 0.0023)
+        collector.reload = ReloadState(True, zero.wall)  # started one interval before
+        collector.collectors = [Running(c, v, "attached") for c, v in d["collectors"].items()]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
         return generate_latest(registry).decode()
 
 

@@ -135,7 +135,8 @@ METRICS = _defs(
         "counter",
         ("node", "reason"),
         "Packets the kernel dropped, by enum skb_drop_reason name (from the kernel's BTF); "
-        '"unknown" on kernels whose kfree_skb passes no reason (before 5.17).',
+        '"unknown" on kernels whose kfree_skb passes no reason (before 5.17); "other": the '
+        "reasons max_series leaves no room for (the sum is every drop).",
         "skb:kfree_skb -> drop_reasons_map[reason]",
     ),
     MetricDef(

@@ -23,6 +23,7 @@ from ebpf_telemetry.agentfamilies import ReloadState
 from ebpf_telemetry.agentfamilies import families as agent_families
 from ebpf_telemetry.config import Config, ConfigError
 from ebpf_telemetry.cputime import CpuTime
+from ebpf_telemetry.dropreasons import DropReasons
 from ebpf_telemetry.families import (
     METRICS,
     RUNQ_BUCKETS,
@@ -63,6 +64,7 @@ class Export:
     choice: budget.Choice  # the peers with per-peer series
     labels: dict[int, dict[str, str]]  # node id -> node, peer, peer_zone
     zones: list[Metric]  # the zone families, rendered
+    drops: list[tuple[str, int]]  # reason -> count, within max_series (dropreasons.py)
     detail: str  # peer_detail
     peer_buckets: Buckets
 
@@ -80,6 +82,7 @@ class TelemetryCollector(Collector):
         self.source: Source | None = None  # of peer names, for its last sync
         self.budget = budget.Budget(cfg.peer_detail_hold_intervals, cfg.peer_detail)
         self.zone_totals = ZoneTotals()
+        self.drop_reasons = DropReasons()
         self.over_budget = False
         self.configure(cfg)
 
@@ -122,11 +125,17 @@ class TelemetryCollector(Collector):
             budget.Choice([], 0),
             {},
             [],
+            [],
             self.detail,
             self.peer_buckets,
         )
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
-        most = (self.max_series - others) // ZoneTotals.samples_per_zone(self.host_buckets)
+        one_zone = ZoneTotals.samples_per_zone(self.host_buckets)
+        reasons = btf.drops_by_name(window.cur.drops)
+        drops = self.drop_reasons.choose(reasons, self.max_series - others - one_zone)
+        unchosen = replace(unchosen, drops=drops)
+        others += len(drops)
+        most = (self.max_series - others) // one_zone
         zones = list(
             self.zone_totals.families(self.node_name, self.zones.own, self.host_buckets, most)
         )
@@ -158,15 +167,13 @@ class TelemetryCollector(Collector):
         if e is None:
             return
         yield from self._always(e)
-        yield from peerdetail.families(
-            e.detail, e.choice.exported, e.labels, e.cur, e.peer_buckets
-        )
+        yield from peerdetail.families(e.detail, e.choice.exported, e.labels, e.cur, e.peer_buckets)
 
     def _always(self, e: Export) -> Iterator[Metric]:
         """Every family outside the budget's cut (they hold the totals)."""
         yield from self._host_rtt(e)
         yield from e.zones
-        yield self._drops(e.cur)
+        yield self._drops(e.drops)
         yield from self._sched(e.cur, e.cpu_ratio)
         yield from self._budget_gauges(e.choice)
         yield from agent_families(self, e.cur)
@@ -203,9 +210,9 @@ class TelemetryCollector(Collector):
         add_histogram(host, {"node": n}, hb, cur.hist(HOST), cur.node(HOST).rtt_sum * US)
         yield host
 
-    def _drops(self, cur: Snapshot) -> Metric:
+    def _drops(self, reasons: list[tuple[str, int]]) -> Metric:
         drops = counter("ebpf_packet_drops_total")
-        for name, count in btf.drops_by_name(cur.drops).items():
+        for name, count in reasons:
             drops.add_metric([self.node_name, name], count)
         return drops
 
