@@ -47,7 +47,7 @@ class DropReasons:
             return sorted(names, key=lambda r: (-counts[r], r))
 
         keep = largest_first(self.shown & counts.keys())[:cap]
-        keep += largest_first(counts.keys() - set(keep) - self.shown)[: cap - len(keep)]
+        keep += largest_first(counts.keys() - self.shown)[: cap - len(keep)]  # newcomers
         self.shown = set(keep)
         rest = sum(n for r, n in counts.items() if r not in self.shown)
         self._note(len(counts) - len(keep), room)
