@@ -300,6 +300,7 @@ def test_rss_with_5000_nodes(stub: KubeStub, pin_dir: str, tmp_path: Path,
     cfg = kube_toml(tmp_path, stub)  # max_peers 255: the rest count under `other`
     agents.append(agent := AgentProc(cfg, pin_dir, tf))
     wait_until(lambda: "nodes listed" in agent.log, 60, 0.1, "the list of 5,000")
+    agent.wait_write(timeout=60)  # the list can come before the first textfile
     wait_until(lambda: (value(tf.read_text(), "ebpf_peers") or 0) >= 255, 60, 0.1, "peers")
     agent.wait_write(after=time.time())
     rss = rss_kib(agent.proc.pid)
