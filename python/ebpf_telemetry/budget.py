@@ -98,13 +98,17 @@ def _idle(node: int, label: str) -> PeerInput:
 
 
 def candidates(
-    w: Window, peers: Mapping[int, str], fit: int, held: Mapping[str, int]
+    w: Window,
+    peers: Mapping[int, str],
+    fit: int,
+    held: Mapping[str, int],
+    table: PeerIds | None = None,
 ) -> Candidates:
     """peer_inputs() of the peers (node id -> label: the host and an `other`
     that never counted are no candidates) from the window's arrays, as
     Budget.choose() needs them with `fit` places and `held` (label -> node id
-    of the peers holding a place)."""
-    ids = _candidate_ids(w, peers)
+    of the peers holding a place); table: the peers' ids kept across calls."""
+    ids = _candidate_ids(w, peers, table or PeerIds())
     counted = w.retransmits()
     retrans = np.zeros(len(ids), dtype=np.int64)
     inside = ids < len(counted)  # ids past the rows: never counted
@@ -119,8 +123,10 @@ def candidates(
     best = _best(retrans, quant[:, -1], active, fit, lambda j: peers[int(ids[j])])
     take = best | _held(ids, peers, held, active)
     inputs = [
-        PeerInput(int(i), peers[int(i)], int(r), tuple(None if math.isnan(v) else v for v in qs))
-        for i, r, qs in zip(ids[take], retrans[take], quant[take].tolist(), strict=True)
+        PeerInput(i, peers[i], r, tuple([None if v != v else v for v in qs]))  # v != v: NaN
+        for i, r, qs in zip(
+            ids[take].tolist(), retrans[take].tolist(), quant[take].tolist(), strict=True
+        )
     ]
     idle_ids = ids[~active]
 
@@ -131,10 +137,30 @@ def candidates(
     return Candidates(inputs, idle, len(ids))
 
 
-def _candidate_ids(w: Window, peers: Mapping[int, str]) -> npt.NDArray[np.int64]:
+class PeerIds:
+    """The sorted ids of a node table (node id -> label) but the host's, kept
+    while the table is the same dict: a NodeReader's peer names are a new
+    dict whenever a row changed and the same one otherwise, so the 16,384
+    keys are not read into an array again each interval."""
+
+    def __init__(self) -> None:
+        self.peers: Mapping[int, str] | None = None
+        self.size = -1
+        self.ids: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+
+    def of(self, peers: Mapping[int, str]) -> npt.NDArray[np.int64]:
+        if peers is not self.peers or len(peers) != self.size:
+            ids = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
+            self.ids = np.sort(ids[ids != HOST])
+            self.peers, self.size = peers, len(peers)
+        return self.ids
+
+
+def _candidate_ids(
+    w: Window, peers: Mapping[int, str], table: PeerIds
+) -> npt.NDArray[np.int64]:
     """Peer ids, sorted: all but the host, and `other` only once it counted."""
-    ids = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
-    ids = np.sort(ids[ids != HOST])
+    ids = table.of(peers)
     other = w.cur.max_peers + 1
     if peers.get(other) == RESERVED_PEER:
         m = w.cur.node(other)
@@ -153,18 +179,22 @@ def _best(
     """The active peers among the first `fit` by rank_key: by the arrays, then
     among those tied with the fit-th, the smallest labels (label(position))
     for the places left (the labels of the tied only: often hundreds share
-    one p99 bucket and no retransmit, never all 16,384)."""
-    if active.sum() <= fit:
+    one p99 bucket and no retransmit, never all 16,384). Only the active
+    are sorted: the idle rank after them."""
+    act = np.flatnonzero(active)
+    if len(act) <= fit:
         return active.copy()
+    best = np.zeros(len(active), dtype=np.bool_)
     if fit <= 0:
-        return np.zeros(len(active), dtype=np.bool_)
-    r = np.where(active, -retrans.astype(np.float64), np.inf)
-    p = np.where(np.isnan(p99), np.inf, -p99)
+        return best
+    r = -retrans[act].astype(np.float64)
+    p = np.where(np.isnan(p99[act]), np.inf, -p99[act])
     last = np.lexsort((p, r))[fit - 1]
-    tied = active & (r == r[last]) & (p == p[last])
-    best: npt.NDArray[np.bool_] = active & ((r < r[last]) | ((r == r[last]) & (p < p[last])))
-    need = fit - int(best.sum())
-    first = heapq.nsmallest(need, ((label(j), j) for j in np.flatnonzero(tied).tolist()))
+    tied = (r == r[last]) & (p == p[last])
+    better = (r < r[last]) | ((r == r[last]) & (p < p[last]))
+    best[act[better]] = True
+    need = fit - int(better.sum())
+    first = heapq.nsmallest(need, ((label(j), j) for j in act[tied].tolist()))
     best[[j for _, j in first]] = True
     return best
 
@@ -175,12 +205,18 @@ def _held(
     held: Mapping[str, int],
     active: npt.NDArray[np.bool_],
 ) -> npt.NDArray[np.bool_]:
-    """The active peers that hold a place (by label: an id may have been reused)."""
+    """The active peers that hold a place (by label: an id may have been
+    reused); ids: sorted."""
     want = [i for label, i in held.items() if peers.get(i) == label]
     if len(want) < len(held):  # a held peer under another id now: rare
         labels = set(held)
         want = [i for i, label in peers.items() if label in labels]
-    return active & np.isin(ids, np.array(want, dtype=np.int64))
+    wanted = np.array(want, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))
+    mask = np.zeros(len(ids), dtype=np.bool_)
+    if len(ids):
+        mask[pos[ids[pos] == wanted]] = True
+    return active & mask
 
 
 def samples_per_peer(detail: str, peer_les: int) -> int:
@@ -220,6 +256,7 @@ class Budget:
         self.hold, self.detail = hold, detail
         self.held: dict[str, int] = {}  # exported peer label -> intervals of hold left
         self.ids: dict[str, int] = {}  # exported peer label -> its node id
+        self.table = PeerIds()  # the candidates' ids, for candidates()
         self.folding = False
 
     def configure(self, hold: int, detail: str) -> None:

@@ -143,7 +143,9 @@ class TelemetryCollector(Collector):
         always = others + count_samples(zones)
         per_peer = budget.samples_per_peer(self.detail, len(self.peer_buckets.les))
         fit = budget.room(self.max_series, always, per_peer)
-        peers = budget.candidates(window, window.cur.peers, fit, self.budget.holding())
+        peers = budget.candidates(
+            window, window.cur.peers, fit, self.budget.holding(), self.budget.table
+        )
         choice = self.budget.choose(peers, fit)
         unchosen = replace(unchosen, labels=self._labels(choice))
         self.export = replace(unchosen, choice=choice)

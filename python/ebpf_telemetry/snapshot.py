@@ -122,7 +122,9 @@ class Window:
     @functools.cached_property
     def _added(self) -> npt.NDArray[np.uint64]:
         assert isinstance(self.cur.hists, noderows.HistRows)
-        return self.cur.hists.added()
+        added = self.cur.hists.added()
+        added.setflags(write=False)  # handed out as it is (hist_rows)
+        return added
 
     def hist(self, node: int) -> Hist:
         h = self._hists.get(node)
@@ -157,7 +159,7 @@ class Window:
         cur = self.cur.metric_array()
         out = np.zeros(len(cur), dtype=np.bool_)
         a, b = self.prev.peers, self.cur.peers
-        if a != b:  # the table changed: look at the ids only then
+        if a is not b and a != b:  # the table changed (a reader's is a new dict then)
             for node in a.keys() | b.keys():
                 if node < len(out) and a.get(node) != b.get(node):
                     out[node] = True
@@ -218,7 +220,8 @@ class Window:
         return np.flatnonzero(mask).astype(np.int64)
 
     def hist_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-        """The window's histogram slots of ids (not the host), one row each."""
+        """The window's histogram slots of ids (not the host), one row each
+        (the window's own array when ids are the rows read: not to be written)."""
         return self._window_rows(ids)
 
     def _window_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
@@ -226,18 +229,20 @@ class Window:
         if not self._follows or not isinstance(cur, noderows.HistRows):
             slots = [self.hist(int(i)).slots for i in ids]  # small tables, by hand
             return np.array(slots, dtype=np.uint64).reshape(len(ids), MAX_SLOTS)
-        pos = np.searchsorted(cur.ids, ids)
-        pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
-        found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
-        if found.all():  # the common case: one copy, no temporary
-            rows = self._added[pos]
-        else:
-            rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
-            rows[found] = self._added[pos[found]]
         whole = self.owner_changed[ids] | (
             self.cur.metric_array()[ids, noderows.RTT_COUNT]
             < self.prev.metric_array()[ids, noderows.RTT_COUNT]
         )
+        if np.array_equal(ids, cur.ids) and not whole.any():
+            return self._added  # the rows read are the ones asked for: no copy
+        pos = np.searchsorted(cur.ids, ids)
+        pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
+        found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
+        if found.all():  # one copy, no temporary
+            rows = self._added[pos]
+        else:
+            rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
+            rows[found] = self._added[pos[found]]
         for j in np.flatnonzero(whole | ~found):  # ids reused or reset: rare
             rows[j] = self.hist(int(ids[j])).slots
         return rows
@@ -258,7 +263,8 @@ class Window:
     def active(self) -> set[int]:
         """Nodes whose counters moved in this window."""
         d = self.deltas
-        moved = (d[:, [noderows.RTT_COUNT, noderows.RETRANS, noderows.DROPS]] != 0).any(axis=1)
+        moved = (d[:, noderows.RTT_COUNT] != 0) | (d[:, noderows.RETRANS] != 0)
+        moved |= d[:, noderows.DROPS] != 0
         return set(np.flatnonzero(moved).tolist())
 
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
