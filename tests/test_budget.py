@@ -381,7 +381,8 @@ def test_zone_totals_from_moved_rows_equal_the_per_peer_sums() -> None:
     prev = snap(5.0, noderows.HistRows(nodes, host_a, read, a_rows[read], 1, 0, None, reader),
                 noderows.MetricRows(a_words))  # fmt: skip
     cur = snap(10.0, noderows.HistRows(nodes, host_b, moved, b_rows[moved], 2, 1,
-                                       a_rows[moved].astype(np.uint32), reader),
+                                       (b_rows[moved] - a_rows[moved]).astype(np.uint32),
+                                       reader),
                noderows.MetricRows(b_words))  # fmt: skip
     w = Window(prev, cur)
     assert w.moved() is not None and set(moved.tolist()) <= set(w.moved().tolist())

@@ -242,12 +242,14 @@ def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
     rng = random.Random(7)
     rows = np.zeros((6, MAX_SLOTS), dtype=np.uint64)
     rows[:, 100] = (1 << 32) - 3
-    before = rows.astype(np.uint32)
     after = rows.copy()
     for i in range(6):
         after[i, rng.randrange(MAX_SLOTS)] += rng.randrange(1, 10)
     after[:, 100] += 5  # past 2^32
-    h = noderows.HistRows(7, Hist.empty(), np.arange(1, 7, dtype=np.int64), after, 2, 1, before)
+    ids, low = np.arange(1, 7, dtype=np.int64), lowwords.LowWords(7)
+    low.put(ids, rows)  # as the reader keeps them at its previous reading
+    since = low.since(ids, after.astype(np.uint32))
+    h = noderows.HistRows(7, Hist.empty(), ids, after, 2, 1, since)
     assert (h.added() == after - rows).all()
 
 
@@ -271,11 +273,14 @@ def low_rows(draw: Any) -> tuple[list[int], list[np.ndarray]]:
 @given(st.lists(low_rows(), min_size=1, max_size=6))
 def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
     """What LowWords gives back is every slot's low 32 bits of the last row
-    put for that id (0 for an id never put), however the rows' spans move
-    between the narrow form and the whole one."""
+    put for that id (0 for an id never put), and since() a row's low words
+    less those, however the rows' spans move between the narrow form and
+    the whole one."""
     low, want = lowwords.LowWords(10), np.zeros((10, MAX_SLOTS), dtype=np.uint32)
     for ids, rows in readings:
         arr = np.array(ids, dtype=np.int64)
+        now = np.array(rows, dtype=np.uint64).astype(np.uint32)
+        assert (low.since(arr, now) == now - want[arr]).all()  # modulo 2^32
         low.put(arr, np.array(rows, dtype=np.uint64))
         want[arr] = np.array(rows, dtype=np.uint64).astype(np.uint32)
         every = np.arange(10, dtype=np.int64)

@@ -38,9 +38,20 @@ class LowWords:
                 out[j] = self.wide[int(ids[j])]
         return out
 
-    def put(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint64]) -> None:
+    def since(self, ids: npt.NDArray[np.int64], low: Low) -> Low:
+        """low (the low words of the rows of ids now) less what is kept for
+        ids, modulo 2^32: get(ids) subtracted in place of the kept slots."""
+        out = low.copy()
+        flat = (np.arange(len(ids)) * MAX_SLOTS + self.start[ids])[:, None] + np.arange(WIDTH)
+        out.reshape(-1)[flat] -= self.words[ids]
+        if self.wide:
+            for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
+                out[j] = low[j] - self.wide[int(ids[j])]
+        return out
+
+    def put(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint64] | Low) -> None:
         """Keep the low words of rows (one per id, ids without repeats)."""
-        low = rows.astype(np.uint32)
+        low = rows if rows.dtype == np.uint32 else rows.astype(np.uint32)
         nz = low != 0
         first = np.argmax(nz, axis=1)
         last = MAX_SLOTS - 1 - np.argmax(nz[:, ::-1], axis=1)

@@ -81,8 +81,9 @@ class MetricRows(Mapping[int, NodeMetrics]):
 class HistRows(Mapping[int, Hist]):
     """node id -> RTT histogram of one reading: the host's, the rows read
     (`ids`, sorted, and `rows`); for a reader's readings the rows not read
-    come from the reader (NodeReader.row_at), and `before` holds the low
-    words the rows read had at the reader's previous reading."""
+    come from the reader (NodeReader.row_at), and `since` holds what was
+    added to the rows read since the reader's previous reading (their low
+    words less those of then, modulo 2^32)."""
 
     nodes: int
     host: Hist
@@ -90,7 +91,7 @@ class HistRows(Mapping[int, Hist]):
     rows: U64Array
     seq: int = 0  # the reader's reading number; 0: not a reader's
     base: int = 0  # the reader's reading before this one; 0: none
-    before: npt.NDArray[np.uint32] | None = None
+    since: npt.NDArray[np.uint32] | None = None
     reader: NodeReader | None = field(default=None, repr=False)
 
     def position(self, node: int) -> int | None:
@@ -123,14 +124,13 @@ class HistRows(Mapping[int, Hist]):
             and self.reader is not None
             and prev.reader is self.reader
             and self.base == prev.seq
-            and self.before is not None
+            and self.since is not None
         )
 
     def added(self) -> U64Array:
         """Per row read, what was added since the previous reading (follows())."""
-        assert self.before is not None
-        low = self.rows.astype(np.uint32) - self.before  # modulo 2^32
-        return low.astype(np.uint64)
+        assert self.since is not None
+        return self.since.astype(np.uint64)
 
 
 def _hist(row: Any) -> Hist:
@@ -257,13 +257,14 @@ class NodeReader:
             ids = ids[:0]
         rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
-        before = self.low.get(ids) if base else None
-        self.low.put(ids, rows)
+        low = rows.astype(np.uint32)
+        since = self.low.since(ids, low) if base else None  # modulo 2^32
+        self.low.put(ids, low)
         self.read_at[ids] = self.seq
         self.last = metrics
         host = host_hist(self.pins["rtt_host_hist_map"])
         return MetricRows(metrics), HistRows(
-            len(metrics), host, ids, rows, self.seq, base, before, self
+            len(metrics), host, ids, rows, self.seq, base, since, self
         )
 
     def _first(self, ids: IdArray) -> None:
