@@ -274,14 +274,17 @@ def low_rows(draw: Any) -> tuple[list[int], list[np.ndarray]]:
 def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
     """What LowWords gives back is every slot's low 32 bits of the last row
     put for that id (0 for an id never put), and since() a row's low words
-    less those, however the rows' spans move between the narrow form and
+    less those (advance(): since() then put()), however the rows' spans move between the narrow form and
     the whole one."""
     low, want = lowwords.LowWords(10), np.zeros((10, MAX_SLOTS), dtype=np.uint32)
+    other = lowwords.LowWords(10)  # the same readings through advance()
     for ids, rows in readings:
         arr = np.array(ids, dtype=np.int64)
         now = np.array(rows, dtype=np.uint64).astype(np.uint32)
         assert (low.since(arr, now) == now - want[arr]).all()  # modulo 2^32
+        assert (other.advance(arr, now) == now - want[arr]).all()
         low.put(arr, np.array(rows, dtype=np.uint64))
+        assert (other.get(np.arange(10, dtype=np.int64)) == low.get(np.arange(10))).all()
         want[arr] = np.array(rows, dtype=np.uint64).astype(np.uint32)
         every = np.arange(10, dtype=np.int64)
         assert (low.get(every) == want).all()

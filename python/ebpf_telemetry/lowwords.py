@@ -49,6 +49,26 @@ class LowWords:
                 out[j] = low[j] - self.wide[int(ids[j])]
         return out
 
+    def advance(self, ids: npt.NDArray[np.int64], low: Low) -> Low:
+        """since(ids, low), then put(ids, low), in one pass over the rows
+        whose nonzero low words are all still in the slots kept for them
+        (a peer's RTT range rarely moves: the common case); put() for the
+        others."""
+        flat = (np.arange(len(ids)) * MAX_SLOTS + self.start[ids])[:, None] + np.arange(WIDTH)
+        kept = low.reshape(-1)[flat]  # the kept slots' low words now
+        out = low.copy()
+        out.reshape(-1)[flat] = kept - self.words[ids]
+        # all nonzero words among the kept slots: their sum is the row's
+        fits = kept.sum(axis=1, dtype=np.uint64) == low.sum(axis=1, dtype=np.uint64)
+        if self.wide:
+            for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
+                out[j] = low[j] - self.wide[int(ids[j])]
+                fits[j] = False
+        self.words[ids[fits]] = kept[fits]
+        if not fits.all():
+            self.put(ids[~fits], low[~fits])
+        return out
+
     def put(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint64] | Low) -> None:
         """Keep the low words of rows (one per id, ids without repeats)."""
         low = rows if rows.dtype == np.uint32 else rows.astype(np.uint32)

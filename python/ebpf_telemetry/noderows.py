@@ -258,8 +258,11 @@ class NodeReader:
         rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
         low = rows.astype(np.uint32)
-        since = self.low.since(ids, low) if base else None  # modulo 2^32
-        self.low.put(ids, low)
+        since: npt.NDArray[np.uint32] | None = None
+        if base:
+            since = self.low.advance(ids, low)  # modulo 2^32
+        else:
+            self.low.put(ids, low)
         self.read_at[ids] = self.seq
         self.last = metrics
         host = host_hist(self.pins["rtt_host_hist_map"])
