@@ -274,8 +274,8 @@ def low_rows(draw: Any) -> tuple[list[int], list[np.ndarray]]:
 def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
     """What LowWords gives back is every slot's low 32 bits of the last row
     put for that id (0 for an id never put), and since() a row's low words
-    less those (advance(): since() then put()), however the rows' spans move between the narrow form and
-    the whole one."""
+    less those (advance(): since() then put()), however the rows' spans
+    move between the narrow form and the whole one."""
     low, want = lowwords.LowWords(10), np.zeros((10, MAX_SLOTS), dtype=np.uint32)
     other = lowwords.LowWords(10)  # the same readings through advance()
     for ids, rows in readings:
