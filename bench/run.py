@@ -225,6 +225,7 @@ def run_bigtable(r: Report, plan: Plan) -> None:
     s = "3d. the cycle at thousands of peers (1/16 moving; the default export, max_series 1,000)"
     big = bigtable.measure(BIG_COUNTS, plan.cycles)
     r.add("bigtable", big)
+    r.row(s, "interpreter", bigtable.interpreter())  # it sets the text format's cost
     for b in big:
         parts = " + ".join(f"{k} {v:.1f}" for k, v in b.parts_ms.items())
         r.row(
