@@ -4,7 +4,9 @@ SHELL := /bin/bash
 ARCH ?= $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 # the distribution's python3: the one python3-venv and python3-dev below are
 # for, and the interpreter the OCI image runs (a python3 found first on PATH,
-# such as pyenv's, may be built without PGO/LTO: ~10% slower, bench part 3d)
+# such as pyenv's, may be built without PGO/LTO: the cycle 12-17 % slower,
+# its text format ~35 %: bench part 3d). An existing .venv stays as it was
+# made: `rm -rf .venv` to rebuild it on this one
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 PY := $(VENV)/bin/python

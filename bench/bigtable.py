@@ -193,7 +193,7 @@ def _timed_cycle(
 def interpreter() -> str:
     """The Python the cycles run on (the children run sys.executable): its
     version, and libpython linked in or shared. pyenv's default build is a
-    shared libpython without PGO/LTO, whose text format is ~30 % slower here
+    shared libpython without PGO/LTO, whose text format is ~35 % slower here
     than Debian's python3 (built with both, libpython linked in)."""
     with open("/proc/self/maps") as f:
         shared = any("libpython" in line for line in f)

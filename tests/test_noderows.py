@@ -248,7 +248,7 @@ def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
     after[:, 100] += 5  # past 2^32
     ids, low = np.arange(1, 7, dtype=np.int64), lowwords.LowWords(7)
     low.put(ids, rows)  # as the reader keeps them at its previous reading
-    since = low.since(ids, after.astype(np.uint32))
+    since = low.advance(ids, after.astype(np.uint32))
     h = noderows.HistRows(7, Hist.empty(), ids, after, 2, 1, since)
     assert (h.added() == after - rows).all()
 
@@ -273,16 +273,15 @@ def low_rows(draw: Any) -> tuple[list[int], list[np.ndarray]]:
 @given(st.lists(low_rows(), min_size=1, max_size=6))
 def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
     """What LowWords gives back is every slot's low 32 bits of the last row
-    put for that id (0 for an id never put), and since() a row's low words
-    less those (advance(): since() then put()), however the rows' spans
-    move between the narrow form and the whole one."""
+    put for that id (0 for an id never put), and advance() a row's low
+    words less those (then as put()), however the rows' spans move between
+    the narrow form and the whole one."""
     low, want = lowwords.LowWords(10), np.zeros((10, MAX_SLOTS), dtype=np.uint32)
     other = lowwords.LowWords(10)  # the same readings through advance()
     for ids, rows in readings:
         arr = np.array(ids, dtype=np.int64)
         now = np.array(rows, dtype=np.uint64).astype(np.uint32)
-        assert (low.since(arr, now) == now - want[arr]).all()  # modulo 2^32
-        assert (other.advance(arr, now) == now - want[arr]).all()
+        assert (other.advance(arr, now) == now - want[arr]).all()  # modulo 2^32
         low.put(arr, np.array(rows, dtype=np.uint64))
         assert (other.get(np.arange(10, dtype=np.int64)) == low.get(np.arange(10))).all()
         want[arr] = np.array(rows, dtype=np.uint64).astype(np.uint32)

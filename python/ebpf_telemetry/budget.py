@@ -152,6 +152,7 @@ class PeerIds:
         if peers is not self.peers or len(peers) != self.size:
             ids = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
             self.ids = np.sort(ids[ids != HOST])
+            self.ids.setflags(write=False)  # handed out: nobody may change the kept ids
             self.peers, self.size = peers, len(peers)
         return self.ids
 

@@ -38,22 +38,12 @@ class LowWords:
                 out[j] = self.wide[int(ids[j])]
         return out
 
-    def since(self, ids: npt.NDArray[np.int64], low: Low) -> Low:
-        """low (the low words of the rows of ids now) less what is kept for
-        ids, modulo 2^32: get(ids) subtracted in place of the kept slots."""
-        out = low.copy()
-        flat = (np.arange(len(ids)) * MAX_SLOTS + self.start[ids])[:, None] + np.arange(WIDTH)
-        out.reshape(-1)[flat] -= self.words[ids]
-        if self.wide:
-            for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
-                out[j] = low[j] - self.wide[int(ids[j])]
-        return out
-
     def advance(self, ids: npt.NDArray[np.int64], low: Low) -> Low:
-        """since(ids, low), then put(ids, low), in one pass over the rows
-        whose nonzero low words are all still in the slots kept for them
-        (a peer's RTT range rarely moves: the common case); put() for the
-        others."""
+        """low (the low words of the rows of ids now) less get(ids), modulo
+        2^32: what was added since; then put(ids, low). In one pass over the
+        rows whose nonzero low words are all still in the slots kept for
+        them (a peer's RTT range rarely moves: the common case); put() for
+        the others."""
         flat = (np.arange(len(ids)) * MAX_SLOTS + self.start[ids])[:, None] + np.arange(WIDTH)
         kept = low.reshape(-1)[flat]  # the kept slots' low words now
         out = low.copy()

@@ -97,21 +97,20 @@ class PeerNames:
         prefixes = (int(s.auto_prefix_v4), int(s.auto_prefix_v6))
         changed: Sequence[int]
         if self.raw is None or self.raw.shape != mapped.shape or prefixes != self.prefixes:
-            self.raw, self.prefixes, self.names = mapped.copy(), prefixes, {}
-            changed = range(n)
+            raw, names, changed = mapped.copy(), {}, range(n)
         elif np.array_equal(mapped.view(np.uint64), self.raw.view(np.uint64)):
             return self.names  # the common case: compared in place, 16,384 rows not copied
         else:
             words = mapped.view(np.uint64) != self.raw.view(np.uint64)  # 80-byte rows: 10 words
             changed = np.flatnonzero(words.any(axis=1)).tolist()
-            self.raw[changed] = mapped[changed]  # as decoded: a later change shows next time
-        if changed:
-            names = dict(self.names)
-            for i in changed:
-                label = _label(self.raw[i].tobytes(), s)
-                if label is None:
-                    names.pop(i, None)
-                else:
-                    names[i] = label
-            self.names = dict(sorted(names.items()))
+            raw, names = self.raw.copy(), dict(self.names)
+            raw[changed] = mapped[changed]  # as decoded: a later change shows next time
+        for i in changed:
+            label = _label(raw[i].tobytes(), s)
+            if label is None:
+                names.pop(i, None)
+            else:
+                names[i] = label
+        # kept only once decoded (an error above leaves the last reading whole)
+        self.raw, self.prefixes, self.names = raw, prefixes, dict(sorted(names.items()))
         return self.names
