@@ -149,7 +149,7 @@ def test_window_arrays_agree_with_the_per_node_accessors() -> None:
     w = Window(prev, cur)
     assert w.rtt_counts().tolist() == [w.node(i).rtt_count for i in range(4)] == [0, 4, 0, 2]
     assert w.retransmits().tolist()[1:] == [0, 3, 0]
-    assert w.active() == {1, 2, 3}
+    assert w.active().tolist() == [1, 2, 3]
     ids, q = w.rtt_quantiles_all((0.5, 0.99))
     assert ids.tolist() == [1, 3]
     for i, row in zip(ids.tolist(), q, strict=True):

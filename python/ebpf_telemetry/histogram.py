@@ -162,15 +162,16 @@ def quantiles_rows(rows: Any, qs: Sequence[float], means: Any = None) -> Any:
     rows = np.asarray(rows)
     k = len(rows)
     out = np.full((k, len(qs)), np.nan)
-    cols = np.flatnonzero(rows.any(axis=0)) if k else rows[:0]
+    cols = np.flatnonzero(np.bitwise_or.reduce(rows, axis=0)) if k else rows[:0]
     if len(cols) == 0:
         return out
     lo_col, hi_col = int(cols[0]), int(cols[-1]) + 1  # the slots any row uses
     counts = rows[:, lo_col:hi_col].astype(np.float64)
     lower, upper = (b[lo_col:hi_col] for b in _bounds(rows.shape[1]))
-    total = counts.sum(axis=1)
     cum = counts.cumsum(axis=1)
+    total = cum[:, -1]
     used = counts > 0
+    first = np.argmax(used, axis=1)
     last = counts.shape[1] - 1 - np.argmax(used[:, ::-1], axis=1)
     shift = np.zeros(k)
     if means is not None:
@@ -179,15 +180,18 @@ def quantiles_rows(rows: Any, qs: Sequence[float], means: Any = None) -> Any:
     idx = np.arange(k)
     for j, q in enumerate(qs):
         rank = q * total
-        hit = used & (cum >= rank[:, None])
-        slot = np.where(hit.any(axis=1), np.argmax(hit, axis=1), last)
+        # the first used slot whose cumulative count reaches the rank: cum does
+        # not decrease, so that is the number of slots below the rank (a slot
+        # reached first is a used one when rank > 0; rank 0: the first used)
+        slot = np.clip((cum < rank[:, None]).sum(axis=1), first, last)
         c = counts[idx, slot]
         acc = cum[idx, slot] - c
         lo, hi = lower[slot], upper[slot]
         est = lo + (hi - lo) * np.clip((rank - acc) / np.where(c > 0, c, 1), 0.0, 1.0)
         if means is not None:
             est = np.where(np.isnan(means), est, np.clip(est + shift, lo, hi))
-        out[:, j] = np.where(total > 0, est, np.nan)
+        out[:, j] = est
+    out[total == 0] = np.nan
     return out
 
 

@@ -54,13 +54,15 @@ RUNTIME_RESERVE = 64
 class Export:
     """What one interval exports, made whole in update() and swapped in at
     once: a scrape of /metrics (another thread) never mixes two intervals.
-    It holds the window's new reading and the few figures of the window
-    itself, not the window: the reading before is let go (at 16,384 peers a
-    reading holds ~4 MiB of rows; the agent would hold three at once)."""
+    It holds the window's new reading and the families of the window's own
+    figures, not the window: the reading before is let go (at 16,384 peers a
+    reading holds ~4 MiB of rows; the agent would hold three at once). The
+    families rendered here are built once, counted against max_series in
+    update() and yielded as they are by every collect() (read-only)."""
 
     cur: Snapshot  # the window's new reading
-    rtt_host_us: tuple[float | None, float | None]  # the window's p50, p99
-    cpu_ratio: float | None  # the window's CPU utilisation
+    host: list[Metric]  # the host's RTT families, rendered once
+    sched: list[Metric]  # the scheduler's families, rendered once
     choice: budget.Choice  # the peers with per-peer series
     labels: dict[int, dict[str, str]]  # node id -> node, peer, peer_zone
     zones: list[Metric]  # the zone families, rendered
@@ -120,8 +122,8 @@ class TelemetryCollector(Collector):
         p50, p99 = window.rtt_quantiles_us(HOST, (0.5, 0.99))
         unchosen = Export(
             window.cur,
-            (p50, p99),
-            window.cpu_utilization,
+            list(self._host_rtt(window.cur, p50, p99)),
+            list(self._sched(window.cur, window.cpu_utilization)),
             budget.Choice([], 0),
             {},
             [],
@@ -173,10 +175,10 @@ class TelemetryCollector(Collector):
 
     def _always(self, e: Export) -> Iterator[Metric]:
         """Every family outside the budget's cut (they hold the totals)."""
-        yield from self._host_rtt(e)
+        yield from e.host
         yield from e.zones
         yield self._drops(e.drops)
-        yield from self._sched(e.cur, e.cpu_ratio)
+        yield from e.sched
         yield from self._budget_gauges(e.choice)
         yield from agent_families(self, e.cur)
 
@@ -199,9 +201,8 @@ class TelemetryCollector(Collector):
             for p in choice.exported
         }
 
-    def _host_rtt(self, e: Export) -> Iterator[Metric]:
-        n, cur = self.node_name, e.cur
-        p50, p99 = e.rtt_host_us
+    def _host_rtt(self, cur: Snapshot, p50: float | None, p99: float | None) -> Iterator[Metric]:
+        n = self.node_name
         for value, name in ((p50, "ebpf_rtt_p50_milliseconds"), (p99, "ebpf_rtt_p99_milliseconds")):
             fam = gauge(name)
             if value is not None:

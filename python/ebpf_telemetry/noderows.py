@@ -127,10 +127,14 @@ class HistRows(Mapping[int, Hist]):
             and self.since is not None
         )
 
-    def added(self) -> U64Array:
-        """Per row read, what was added since the previous reading (follows())."""
+    def added(self) -> npt.NDArray[np.uint32]:
+        """Per row read, what was added since the previous reading (follows()):
+        `since` itself, read-only (u32: a window adds fewer than 2^32 samples
+        to a slot; no u64 copy of the rows, their users convert what they use)."""
         assert self.since is not None
-        return self.since.astype(np.uint64)
+        added = self.since.view()
+        added.setflags(write=False)
+        return added
 
 
 def _hist(row: Any) -> Hist:

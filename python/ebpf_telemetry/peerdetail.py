@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -42,15 +43,21 @@ def families(
         yield hist
     rows = cur.metric_array()[[p.node for p in peers]]  # their counters, at once
     if detail != "histogram":
-        samples = counter("ebpf_tcp_rtt_samples_total")
-        for p, count in zip(peers, rows[:, noderows.RTT_COUNT].tolist(), strict=True):
-            samples.add_metric(list(labels[p.node].values()), count)
-        yield samples
+        yield _counter("ebpf_tcp_rtt_samples_total", peers, labels, rows[:, noderows.RTT_COUNT])
     yield _window(peers, labels, SHOWN[detail])
-    retrans = counter("ebpf_tcp_retransmits_total")
-    for p, count in zip(peers, rows[:, noderows.RETRANS].tolist(), strict=True):
-        retrans.add_metric(list(labels[p.node].values()), count)
-    yield retrans
+    yield _counter("ebpf_tcp_retransmits_total", peers, labels, rows[:, noderows.RETRANS])
+
+
+def _counter(
+    name: str, peers: Sequence[PeerInput], labels: dict[int, dict[str, str]], counts: Any
+) -> Metric:
+    """One counter sample per peer, its labels the peer's own dict (shared by
+    the peer's samples: the exposition only reads them)."""
+    fam = counter(name)
+    sample = fam.name + "_total"
+    for p, count in zip(peers, counts.tolist(), strict=True):
+        fam.add_sample(sample, labels[p.node], count)
+    return fam
 
 
 def _window(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,7 +212,13 @@ def _bump_generation(pins: Pins, cfg: Config) -> None:
 # -- automatic peers that come and go ---------------------------------------------------
 
 
-def expire(pins: Pins, cfg: Config, active: set[int], seen: Mapping[int, int], now: int) -> int:
+def expire(
+    pins: Pins,
+    cfg: Config,
+    active: npt.NDArray[np.int64] | Collection[int],
+    seen: Mapping[int, int],
+    now: int,
+) -> int:
     """One step of the automatic peers' life, each agent cycle; `active`:
     the ids whose counters moved in the last interval, `seen`: peer_seen_map
     as the cycle's snapshot read it, `now`: now_ns(). Returns ids retired.
@@ -239,7 +245,10 @@ def expire(pins: Pins, cfg: Config, active: set[int], seen: Mapping[int, int], n
         inside = known < len(last)
         last[known[inside]] = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))[inside]
     moved = np.zeros(len(flags), dtype=np.bool_)
-    act = np.fromiter(active, dtype=np.int64, count=len(active))
+    if isinstance(active, np.ndarray):
+        act = active.astype(np.int64, copy=False)
+    else:
+        act = np.fromiter(active, dtype=np.int64, count=len(active))
     moved[act[(act >= 0) & (act < len(flags))]] = True
     auto, retiring = (flags & lib.PEER_AUTO) != 0, (flags & lib.PEER_RETIRING) != 0
     auto[0] = retiring[0] = False  # node 0 is the host

@@ -26,6 +26,11 @@ from ebpf_telemetry.noderows import NodeReader
 from ebpf_telemetry.nodes import HOST, peer_names
 from ebpf_telemetry.values import Hist, NodeMetrics
 
+# a window's histogram rows: u32 where they are a reader's rows read (what
+# was added, modulo 2^32: a window adds fewer than 2^32 samples to a slot),
+# else u64
+Rows = npt.NDArray[np.uint64] | npt.NDArray[np.uint32]
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -120,11 +125,9 @@ class Window:
         return isinstance(cur, noderows.HistRows) and cur.follows(self.prev.hists)
 
     @functools.cached_property
-    def _added(self) -> npt.NDArray[np.uint64]:
+    def _added(self) -> Rows:
         assert isinstance(self.cur.hists, noderows.HistRows)
-        added = self.cur.hists.added()
-        added.setflags(write=False)  # handed out as it is (hist_rows)
-        return added
+        return self.cur.hists.added()  # read-only: handed out as it is (hist_rows)
 
     def hist(self, node: int) -> Hist:
         h = self._hists.get(node)
@@ -211,6 +214,10 @@ class Window:
         """The node ids whose RTT or retransmit counts (or histogram rows)
         moved in this window, sorted; None: not known without looking at
         every node (snapshots not read one after the other by a reader)."""
+        return self._moved
+
+    @functools.cached_property
+    def _moved(self) -> npt.NDArray[np.int64] | None:
         cur = self.cur.hists
         if not self._follows or not isinstance(cur, noderows.HistRows):
             return None
@@ -219,12 +226,12 @@ class Window:
         mask[cur.ids] = True  # a mask, not np.union1d: no sort (nor numpy.ma's import)
         return np.flatnonzero(mask).astype(np.int64)
 
-    def hist_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def hist_rows(self, ids: npt.NDArray[np.int64]) -> Rows:
         """The window's histogram slots of ids (not the host), one row each
         (the window's own array when ids are the rows read: not to be written)."""
         return self._window_rows(ids)
 
-    def _window_rows(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def _window_rows(self, ids: npt.NDArray[np.int64]) -> Rows:
         cur = self.cur.hists
         if not self._follows or not isinstance(cur, noderows.HistRows):
             slots = [self.hist(int(i)).slots for i in ids]  # small tables, by hand
@@ -238,11 +245,10 @@ class Window:
         pos = np.searchsorted(cur.ids, ids)
         pos = np.minimum(pos, max(len(cur.ids) - 1, 0))
         found = (cur.ids[pos] == ids) if len(cur.ids) else np.zeros(len(ids), dtype=np.bool_)
-        if found.all():  # one copy, no temporary
-            rows = self._added[pos]
-        else:
-            rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
-            rows[found] = self._added[pos[found]]
+        if found.all() and not whole.any():  # one copy, no temporary
+            return self._added[pos]
+        rows = np.zeros((len(ids), self._added.shape[1]), dtype=np.uint64)
+        rows[found] = self._added[pos[found]]
         for j in np.flatnonzero(whole | ~found):  # ids reused or reset: rare
             rows[j] = self.hist(int(ids[j])).slots
         return rows
@@ -260,12 +266,12 @@ class Window:
         """Quantiles of the RTT samples of this window, microseconds."""
         return self.hist(node).quantiles(qs, self.node(node).rtt_mean)
 
-    def active(self) -> set[int]:
-        """Nodes whose counters moved in this window."""
+    def active(self) -> npt.NDArray[np.int64]:
+        """Nodes whose counters moved in this window, sorted ids."""
         d = self.deltas
         moved = (d[:, noderows.RTT_COUNT] != 0) | (d[:, noderows.RETRANS] != 0)
         moved |= d[:, noderows.DROPS] != 0
-        return set(np.flatnonzero(moved).tolist())
+        return np.flatnonzero(moved).astype(np.int64)
 
     def rtt_quantile_us(self, node: int, q: float) -> float | None:
         return self.rtt_quantiles_us(node, (q,))[0]
