@@ -74,10 +74,14 @@ class Pins:
 
     def counters(self, name: str) -> list[int]:
         """A per-CPU array of __u64, summed over CPUs: one int per index."""
+        sums: list[int] = self._sums(name).tolist()
+        return sums
+
+    def _sums(self, name: str) -> npt.NDArray[np.uint64]:
         m = self[name]
         n, vals = m.array_rows()
         words = np.frombuffer(ffi.buffer(vals), dtype=np.uint64, count=n * m.ncpu)
-        sums: list[int] = words.reshape(n, m.ncpu).sum(axis=1, dtype=np.uint64).tolist()
+        sums: npt.NDArray[np.uint64] = words.reshape(n, m.ncpu).sum(axis=1, dtype=np.uint64)
         return sums
 
     def stats(self) -> dict[str, int]:
@@ -87,7 +91,9 @@ class Pins:
     def drops(self) -> dict[int, int]:
         """drop reason value -> count, reasons seen only: the core reasons'
         array, then the subsystem reasons' hash (absent from pins an earlier build left)."""
-        out = {r: c for r, c in enumerate(self.counters("drop_reasons_map")) if c}
+        sums = self._sums("drop_reasons_map")
+        seen = np.flatnonzero(sums)  # a few of 1,024 reasons: no loop over the others
+        out = dict(zip(seen.tolist(), sums[seen].tolist(), strict=True))
         if os.path.exists(os.path.join(self.pin_dir, "drop_subsys_map")):
             m = self["drop_subsys_map"]
             for key in m.keys("__u32"):
