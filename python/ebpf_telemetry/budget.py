@@ -122,10 +122,15 @@ def candidates(
     active = (retrans > 0) | ~np.isnan(quant[:, 0])
     best = _best(retrans, quant[:, -1], active, fit, lambda j: peers[int(ids[j])])
     take = best | _held(ids, peers, held, active)
+    q_take = quant[take]
     inputs = [
-        PeerInput(i, peers[i], r, tuple([None if v != v else v for v in qs]))  # v != v: NaN
-        for i, r, qs in zip(
-            ids[take].tolist(), retrans[take].tolist(), quant[take].tolist(), strict=True
+        PeerInput(i, peers[i], r, tuple([None if v != v else v for v in qs]) if gap else tuple(qs))
+        for i, r, qs, gap in zip(  # gap: a NaN among qs (v != v), None in PeerInput
+            ids[take].tolist(),
+            retrans[take].tolist(),
+            q_take.tolist(),
+            np.isnan(q_take).any(axis=1).tolist(),
+            strict=True,
         )
     ]
     idle_ids = ids[~active]
