@@ -160,7 +160,8 @@ WORD_VALUES = st.one_of(
     st.integers(0, 3), st.integers(0, 2**64 - 1), st.sampled_from([2**63, 2**64 - 1])
 )
 METRICS_ST = st.builds(
-    NodeMetrics, **{name: WORD_VALUES for name in noderows.WORD}  # every word of the struct
+    NodeMetrics,
+    **{name: WORD_VALUES for name in noderows.WORD},  # every word of the struct
 )
 
 

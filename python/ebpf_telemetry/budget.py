@@ -162,9 +162,7 @@ class PeerIds:
         return self.ids
 
 
-def _candidate_ids(
-    w: Window, peers: Mapping[int, str], table: PeerIds
-) -> npt.NDArray[np.int64]:
+def _candidate_ids(w: Window, peers: Mapping[int, str], table: PeerIds) -> npt.NDArray[np.int64]:
     """Peer ids, sorted: all but the host, and `other` only once it counted."""
     ids = table.of(peers)
     other = w.cur.max_peers + 1
