@@ -59,9 +59,9 @@ class LowWords:
         them (a peer's RTT range rarely moves: the common case); put() for
         the others."""
         out = low.copy()
-        rows, starts = np.arange(len(ids)), self.start[ids]
-        kept = _windows(out)[rows, starts]  # the kept slots' low words now (a copy)
-        _windows(out)[rows, starts] = kept - self.words[ids]
+        win, rows, starts = _windows(out), np.arange(len(ids)), self.start[ids]
+        kept = win[rows, starts]  # the kept slots' low words now (a copy)
+        win[rows, starts] = kept - self.words[ids]
         # all nonzero words among the kept slots: their sum is the row's
         fits = kept.sum(axis=1, dtype=np.uint64) == low.sum(axis=1, dtype=np.uint64)
         if self.wide:

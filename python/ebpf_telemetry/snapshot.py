@@ -125,7 +125,7 @@ class Window:
         return isinstance(cur, noderows.HistRows) and cur.follows(self.prev.hists)
 
     @functools.cached_property
-    def _added(self) -> Rows:
+    def _added(self) -> npt.NDArray[np.uint32]:
         assert isinstance(self.cur.hists, noderows.HistRows)
         return self.cur.hists.added()  # read-only: handed out as it is (hist_rows)
 
