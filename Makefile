@@ -111,6 +111,7 @@ test-kernels: build deps-kernels mounts
 
 lint: build
 	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
 	$(VENV)/bin/mypy
 	MYPYPATH=tests $(VENV)/bin/mypy --strict --ignore-missing-imports bench/*.py
 

@@ -45,6 +45,16 @@ PARTS: tuple[tuple[str, int], ...] = (
     ("ack check", 1 << 9),
 )
 ALL_BUT_FLOOR = sum(bit for _, bit in PARTS)
+# the other way round: everything removed but one part, what that part costs
+# on its own over the floor (the empty program): the least any program doing
+# it can cost. The histogram add keeps its slot computation and, in
+# tcp_probe, the ack check (a bulk transfer's runs stop there, as shipped).
+HIST_ALONE = "the histogram add alone (slot computed; tcp_probe: ack check kept)"
+ACK_ALONE = "the ack check alone (tcp_probe: the socket's lines read)"
+ALONE: tuple[tuple[str, int], ...] = (
+    (HIST_ALONE, ALL_BUT_FLOOR & ~((1 << 4) | (1 << 5) | (1 << 9))),
+    (ACK_ALONE, ALL_BUT_FLOOR & ~(1 << 9)),
+)
 # the parts sched_switch has (bpf/sched.bpf.h), named for what they are there
 SCHED_PARTS = {
     1 << 0: "settings look-up (a .data global instead)",
@@ -87,6 +97,10 @@ def sched_label(part: str) -> str | None:
     bits = dict(PARTS).get(part)
     if part == "everything removed":
         return part
+    if part == HIST_ALONE:
+        return "the histogram add alone (slot computed)"
+    if part == ACK_ALONE:
+        return None  # sched_switch has no ack check: it is the floor variant there
     return SCHED_PARTS.get(bits) if bits is not None else part
 
 
@@ -106,7 +120,7 @@ def _kept(t: probes.Telemetry, part: str) -> dict[tuple[str, str], int]:
 
 def measure(seconds: float) -> AblationResult:
     notes: list[str] = []
-    variants = [*PARTS, ("everything removed", ALL_BUT_FLOOR)]
+    variants = [*PARTS, ("everything removed", ALL_BUT_FLOOR), *ALONE]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         empty = stack.enter_context(
             probes.held_object(probes.compile_bpf(hooks.EMPTY_SRC, os.path.join(tmp, "e.bpf.o")))

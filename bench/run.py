@@ -143,17 +143,20 @@ def run_ablation(r: Report, plan: Plan) -> None:
                 if label is None:
                     continue  # a part sched_switch does not have
                 saved = ratio_diff(full, row.ns) if row.part in PART_NAMES else None
+                alone = ratio(row.ns, floor) if row.part in ALONE_NAMES else None
                 r.row(
                     s,
                     f"{load:<9} {label}",
                     f"{fmt(row.ns, '.0f', ' ns')}"
                     + (f"  saves {fmt(saved, '.0f', ' ns')}" if saved is not None else "")
+                    + (f"  {fmt(alone, '.2f', 'x')} the empty program" if alone is not None else "")
                     + f"  ({row.runs} runs; load {a.load[load]:.2f})",
                 )
             r.target(f"{hook} / empty (1c, {load})", ratio(full, floor), "x", 2.0, a.load[load])
 
 
 PART_NAMES = {p for p, _ in ablation.PARTS} | {"everything removed"}
+ALONE_NAMES = {p for p, _ in ablation.ALONE}
 
 
 def ratio_diff(a: float | None, b: float | None) -> float | None:

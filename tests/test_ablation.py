@@ -31,7 +31,22 @@ def test_every_part_of_the_header_is_measured_once() -> None:
     assert sum(bits) == ablation.ALL_BUT_FLOOR
 
 
-@pytest.mark.parametrize("bits", [b for _, b in ablation.PARTS] + [ablation.ALL_BUT_FLOOR])
+def test_each_alone_variant_keeps_what_it_names() -> None:
+    """A variant with everything but one part removed keeps that part's bits
+    only: the histogram add (with its slot and the ack check), the ack check."""
+    h = _header_bits()
+    kept = {part: ablation.ALL_BUT_FLOOR & ~bits for part, bits in ablation.ALONE}
+    assert (
+        kept[ablation.HIST_ALONE]
+        == h["ABLATE_HOST_HIST"] | h["ABLATE_SLOT"] | h["ABLATE_ACK_CHECK"]
+    )
+    assert kept[ablation.ACK_ALONE] == h["ABLATE_ACK_CHECK"]
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [b for _, b in ablation.PARTS] + [ablation.ALL_BUT_FLOOR] + [b for _, b in ablation.ALONE],
+)
 def test_each_variant_builds(bits: int, tmp_path: Path) -> None:
     out = probes.compile_bpf(ablation.SRC, str(tmp_path / "v.bpf.o"), [f"-DEBT_ABLATE={bits}"])
     assert os.path.getsize(out) > 0
