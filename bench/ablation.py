@@ -34,7 +34,7 @@ SRC = os.path.join(probes.ROOT, "bpf", "telemetry.bpf.c")
 # (part, bit in bpf/ablate.bpf.h): one variant per part
 PARTS: tuple[tuple[str, int], ...] = (
     ("settings look-up (a .data global instead)", 1 << 0),
-    ("socket cast (bpf_rdonly_cast kfunc instead)", 1 << 1),
+    ("socket cast (the helper instead of the bpf_rdonly_cast kfunc)", 1 << 1),
     ("peer caches (tables every event)", 1 << 2),
     ("peer classification (all)", 1 << 3),
     ("slot computation", 1 << 4),

@@ -15,9 +15,10 @@ from typing import Any
 
 from bpfstats import link_prog_id, prog_ids_of_pid, prog_stats
 
-from ebpf_telemetry import loader, plan
+from ebpf_telemetry import facts, loader, plan
 from ebpf_telemetry.binding import check, check_ptr, ffi, lib
 from ebpf_telemetry.config import Config, Network
+from ebpf_telemetry.facts import KernelFacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
@@ -51,13 +52,17 @@ class Telemetry:
     def __post_init__(self) -> None:
         self.cfg = replace(Config(), pin_dir=self.pins, node_name="bench")
 
-    def attach(self, sample_rate: int = 100, obj: str | None = None) -> list[loader.Running]:
+    def attach(
+        self, sample_rate: int = 100, obj: str | None = None, kernel: KernelFacts | None = None
+    ) -> list[loader.Running]:
+        """Attach obj (default: this build's) as the agent does, planned with
+        kernel (default: this kernel's facts as obj can use them)."""
         self.cfg = replace(self.cfg, sample_rate=sample_rate)
         old = os.environ.get("EBPF_TELEMETRY_OBJECT")
         if obj:
             os.environ["EBPF_TELEMETRY_OBJECT"] = obj
         try:
-            return loader.attach(self.cfg)
+            return loader.attach(self.cfg, kernel or usable_facts(obj))
         finally:
             if obj:
                 if old is None:
@@ -100,11 +105,45 @@ def peers_toml(count: int) -> str:
     return "[peers]\n" + "\n".join(lines) + "\n"
 
 
+def object_programs(path: str) -> frozenset[str]:
+    """The names of the programs in a BPF object file (opened, not loaded)."""
+    obj = check_ptr(lib.bpf_object__open_file(path.encode(), ffi.NULL), f"open {path}")
+    names = []
+    try:
+        prog = lib.bpf_object__next_program(obj, ffi.NULL)
+        while prog != ffi.NULL:
+            names.append(ffi.string(lib.bpf_program__name(prog)).decode())
+            prog = lib.bpf_object__next_program(obj, prog)
+    finally:
+        lib.bpf_object__close(obj)
+    return frozenset(names)
+
+
+def usable_facts(obj: str | None) -> KernelFacts | None:
+    """This kernel's facts less the kfuncs of variants obj has no programs
+    for (a build of an earlier revision: the plan then takes the variant
+    before them, as on a kernel without the kfunc). None: this build's."""
+    if obj is None:
+        return None
+    progs = object_programs(obj)
+    lacking = {
+        f"kfunc:{need.name}"
+        for c in plan.COLLECTORS
+        for v in c.variants
+        if not v.programs <= progs
+        for need in v.needs
+        if need.kind == "kfunc"
+    }
+    return facts.read().without(*sorted(lacking))
+
+
 @contextlib.contextmanager
-def telemetry(tag: str, sample_rate: int = 100, obj: str | None = None) -> Iterator[Telemetry]:
+def telemetry(
+    tag: str, sample_rate: int = 100, obj: str | None = None, kernel: KernelFacts | None = None
+) -> Iterator[Telemetry]:
     t = Telemetry(pin_dir(tag))
     try:
-        t.attach(sample_rate, obj)
+        t.attach(sample_rate, obj, kernel)
         yield t
     finally:
         t.unload()

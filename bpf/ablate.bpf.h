@@ -15,7 +15,7 @@
 #endif
 
 #define ABLATE_SETTINGS   (1 << 0) /* settings from a global in .data, no map look-up */
-#define ABLATE_SOCK_CAST  (1 << 1) /* tcp_probe: bpf_rdonly_cast (6.2 kfunc), not the helper */
+#define ABLATE_SOCK_CAST  (1 << 1) /* tcp_probe_cast: the helper, not bpf_rdonly_cast (6.2 kfunc) */
 #define ABLATE_PEER_CACHE (1 << 2) /* classify every event in the tables, no caches */
 #define ABLATE_PEER       (1 << 3) /* no peer classification at all (node 0 only) */
 #define ABLATE_SLOT       (1 << 4) /* slot 0, no log2 */

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentlab import EMULATED, EventDrain, attach, peer_id
 from conftest import FULL_DETAIL_TOML
+from ebpf_telemetry import facts, plan, programs
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import Snapshot, Window, take
 from netlab import (
@@ -318,16 +319,26 @@ def test_bulk_receiver_records_no_stale_samples(make_config: Any, lab: Any) -> N
 
 @pytest.mark.smoke
 @pytest.mark.matrix
-def test_pingpong_takes_one_sample_per_round_trip(make_config: Any, lab: Any) -> None:
+@pytest.mark.parametrize("without", [(), ("kfunc:bpf_rdonly_cast",)], ids=["planned", "helper"])
+def test_pingpong_takes_one_sample_per_round_trip(
+    make_config: Any, lab: Any, without: tuple[str, ...]
+) -> None:
+    # both ways of casting the socket, on every kernel: the variant planned
+    # here, and the helper's (tp_btf: a kernel before bpf_rdonly_cast, 6.2)
     a, b, veth = lab
     cfg = make_config(peers={"a": [f"{veth.v4_a}/32"], "b": [f"{veth.v4_b}/32"]})
     n = 200
-    with attach(cfg) as pins:
+    kernel = facts.read().without(*without)
+    with attach(cfg, kernel) as pins:
+        rtt = next(c for c in plan.plan(kernel) if c.name == "rtt")
+        assert rtt.variant is not None
+        linked = programs.linked(cfg.pin_dir)["tcp_probe"].name
+        assert linked in rtt.variant.programs, (linked, rtt.variant)
         before = take(pins)
         exchange(a, b, veth.v4_b, n)
         after = take(pins)
     w = Window(before, after)
     client = w.node(peer_id(after, "b")).rtt_count
     server = w.node(peer_id(after, "a")).rtt_count
-    print(f"\nping-pong {n} round trips: client {client} samples, server {server}")
+    print(f"\nping-pong {n} round trips ({linked}): client {client} samples, server {server}")
     assert abs(client - n) <= 2 and abs(server - n) <= 2

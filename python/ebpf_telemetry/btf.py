@@ -21,6 +21,7 @@ from ebpf_telemetry.binding import TelemetryError, ffi, lib
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 4, 5
 BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_FUNC_PROTO, BTF_KIND_ENUM64 = 6, 8, 13, 19
+BTF_KIND_FUNC = 12
 _MODIFIERS = (9, 10, 11, 18)  # volatile, const, restrict, type tag: not part of a name
 DROP_REASON_PREFIXES = ("SKB_DROP_REASON_", "SKB_")  # SKB_NOT_DROPPED_YET, SKB_CONSUMED
 SUBSYS_SHIFT = 16  # SKB_DROP_REASON_SUBSYS_SHIFT
@@ -85,6 +86,11 @@ def typedef_args(btf: Any, name: str) -> tuple[str, ...] | None:
         return None
     params = ffi.cast("struct btf_param *", proto + 1)
     return tuple(type_name(btf, params[i].type) for i in range(1, proto.info & 0xFFFF))
+
+
+def has_func(btf: Any, name: str) -> bool:
+    """Is there a function of this name (a kfunc is one, in vmlinux BTF)?"""
+    return bool(lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0)
 
 
 def enum_names(btf: Any, enum: str, prefix: str) -> list[str]:

@@ -3,7 +3,8 @@
 This is the only input of the plan (plan.py): which tracepoints exist and
 which arguments each passes to a tp_btf program (the `btf_trace_<name>`
 typedef), which map types and helpers the kernel knows (`enum bpf_map_type`,
-`enum bpf_func_id`). Facts are plain data with a JSON form, so the plan is
+`enum bpf_func_id`) and which of the kfuncs the object may call it has (a
+FUNC of that name in its BTF). Facts are plain data with a JSON form, so the plan is
 tested with the recorded facts of every kernel of the matrix
 (tests/data/kernels/*.json) and a kernel without a feature is simulated by
 removing it from the facts (EBPF_TELEMETRY_FACTS=<file> makes `run` and
@@ -32,6 +33,8 @@ TRACEPOINTS = (
     "kfree_skb",
     "sched_switch",
 )
+# every kfunc the object may call (plan.py names the variants that do)
+KFUNCS = ("bpf_rdonly_cast",)
 FACTS_ENV = "EBPF_TELEMETRY_FACTS"
 
 
@@ -43,6 +46,7 @@ class KernelFacts:
     tracepoints: dict[str, tuple[str, ...]] = field(default_factory=dict)
     map_types: frozenset[str] = frozenset()  # BPF_MAP_TYPE_* without the prefix
     helpers: frozenset[str] = frozenset()  # BPF_FUNC_* without the prefix
+    kfuncs: frozenset[str] = frozenset()  # those of KFUNCS the kernel has
 
     def to_json(self) -> str:
         return json.dumps(
@@ -52,6 +56,7 @@ class KernelFacts:
                 "tracepoints": {k: list(v) for k, v in sorted(self.tracepoints.items())},
                 "map_types": sorted(self.map_types),
                 "helpers": sorted(self.helpers),
+                "kfuncs": sorted(self.kfuncs),
             },
             indent=1,
         )
@@ -65,14 +70,17 @@ class KernelFacts:
             tracepoints={k: tuple(v) for k, v in d["tracepoints"].items()},
             map_types=frozenset(d["map_types"]),
             helpers=frozenset(d["helpers"]),
+            # facts recorded before kfuncs were: none (the plan falls back to helpers)
+            kfuncs=frozenset(d.get("kfuncs", ())),
         )
 
     def without(self, *features: str) -> KernelFacts:
         """These facts less some features (tests: a kernel that lacks them).
 
         A feature is `tracepoint:NAME`, `tracepoint:NAME:N` (only its first N
-        arguments), `map_type:NAME` or `helper:NAME`."""
+        arguments), `map_type:NAME`, `helper:NAME` or `kfunc:NAME`."""
         tps, maps, helpers = dict(self.tracepoints), set(self.map_types), set(self.helpers)
+        kfuncs = set(self.kfuncs)
         for feat in features:
             kind, name, *rest = feat.split(":")
             if kind == "tracepoint" and rest:
@@ -83,9 +91,13 @@ class KernelFacts:
                 maps.discard(name)
             elif kind == "helper":
                 helpers.discard(name)
+            elif kind == "kfunc":
+                kfuncs.discard(name)
             else:
                 raise ValueError(f"unknown feature kind {feat!r}")
-        return KernelFacts(self.release, self.btf, tps, frozenset(maps), frozenset(helpers))
+        return KernelFacts(
+            self.release, self.btf, tps, frozenset(maps), frozenset(helpers), frozenset(kfuncs)
+        )
 
 
 def read() -> KernelFacts:
@@ -105,6 +117,7 @@ def read() -> KernelFacts:
             tps,
             frozenset(btf.enum_names(b, "bpf_map_type", "BPF_MAP_TYPE_")),
             frozenset(btf.enum_names(b, "bpf_func_id", "BPF_FUNC_")),
+            frozenset(k for k in KFUNCS if btf.has_func(b, k)),
         )
 
 
