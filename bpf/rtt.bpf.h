@@ -98,7 +98,8 @@ static __always_inline int probe_rtt(const struct settings *s, struct sock *sk,
 /* tcp_probe(sk, skb): tp_btf since 5.5, this argument list since 4.16.
  * The socket as a tcp_sock, two ways (the planner loads one):
  * - tcp_probe_cast: bpf_rdonly_cast (6.2), a read-only BTF pointer without
- *   a helper call (15-19 ns less per event here: `make bench` part 1c);
+ *   a helper call (15-30 ns less per event here: `make bench` part 1c,
+ *   `bench/versus.py`);
  * - tcp_probe: bpf_skc_to_tcp_sock (5.9), for the kernels before it.
  * No probe reads either way. */
 SEC("tp_btf/tcp_probe")

@@ -147,7 +147,7 @@ COLLECTORS = (
                 (_same("tcp_probe", TCP_PROBE),),
                 (Feature("helper", "skc_to_tcp_sock", "5.9"), SK_STORAGE_GET),
                 "nothing: the socket is cast by a helper call (bpf_skc_to_tcp_sock), "
-                "15-19 ns more per event",
+                "15-30 ns more per event",
             ),
         ),
     ),
