@@ -108,15 +108,10 @@ def peers_toml(count: int) -> str:
 def object_programs(path: str) -> frozenset[str]:
     """The names of the programs in a BPF object file (opened, not loaded)."""
     obj = check_ptr(lib.bpf_object__open_file(path.encode(), ffi.NULL), f"open {path}")
-    names = []
     try:
-        prog = lib.bpf_object__next_program(obj, ffi.NULL)
-        while prog != ffi.NULL:
-            names.append(ffi.string(lib.bpf_program__name(prog)).decode())
-            prog = lib.bpf_object__next_program(obj, prog)
+        return frozenset(name for name, _ in loader.programs_of(obj))
     finally:
         lib.bpf_object__close(obj)
-    return frozenset(names)
 
 
 def usable_facts(obj: str | None) -> KernelFacts | None:
@@ -192,13 +187,10 @@ def held_object(path: str, pin_root: str | None = None, attach: bool = True) -> 
     held = Held(obj)
     try:
         check(lib.bpf_object__load(obj), f"load {path}")
-        prog = lib.bpf_object__next_program(obj, ffi.NULL)
-        while prog != ffi.NULL:
-            name = ffi.string(lib.bpf_program__name(prog)).decode()
+        for name, prog in loader.programs_of(obj):
             held.ids[name] = _prog_id(prog)
             if attach:
                 held.attach(name)
-            prog = lib.bpf_object__next_program(obj, prog)
         yield held
     finally:
         held.close()

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentlab import cli
 from conftest import require_kernel
-from ebpf_telemetry import facts, plan
+from ebpf_telemetry import facts, loader, plan
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.loader import object_path
 
@@ -80,10 +80,7 @@ def programs_and_maps(path: str) -> tuple[set[str], set[str]]:
     assert obj != ffi.NULL, path
     progs, maps = set(), set()
     try:
-        p = lib.bpf_object__next_program(obj, ffi.NULL)
-        while p != ffi.NULL:
-            progs.add(ffi.string(lib.bpf_program__name(p)).decode())
-            p = lib.bpf_object__next_program(obj, p)
+        progs.update(name for name, _ in loader.programs_of(obj))
         m = lib.bpf_object__next_map(obj, ffi.NULL)
         while m != ffi.NULL:
             maps.add(ffi.string(lib.bpf_map__name(m)).decode())

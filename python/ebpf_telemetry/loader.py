@@ -95,14 +95,19 @@ def opened(pin_dir: str | None, max_peers: int) -> Iterator[Any]:
         lib.bpf_object__close(obj)
 
 
+def programs_of(obj: Any) -> Iterator[tuple[str, Any]]:
+    """(name, program) of every program of an opened object."""
+    prog = lib.bpf_object__next_program(obj, ffi.NULL)
+    while prog != ffi.NULL:
+        yield ffi.string(lib.bpf_program__name(prog)).decode(), prog
+        prog = lib.bpf_object__next_program(obj, prog)
+
+
 def load(obj: Any, variant: plan.Variant) -> None:
     """Load only the variant's programs; a rejection is a BpfError naming the
     verifier's verdict (its whole log has gone to the log already)."""
-    prog = lib.bpf_object__next_program(obj, ffi.NULL)
-    while prog != ffi.NULL:
-        name = ffi.string(lib.bpf_program__name(prog)).decode()
+    for name, prog in programs_of(obj):
         check(lib.bpf_program__set_autoload(prog, name in variant.programs), f"autoload {name}")
-        prog = lib.bpf_object__next_program(obj, prog)
     with captured() as lines:
         ret = lib.bpf_object__load(obj)
     if ret < 0:
