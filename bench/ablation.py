@@ -31,18 +31,19 @@ from bpfstats import prog_stats, stats_enabled
 from ebpf_telemetry import plan
 
 SRC = os.path.join(probes.ROOT, "bpf", "telemetry.bpf.c")
+SLOT, HOST_HIST, ACK_CHECK = 1 << 4, 1 << 5, 1 << 9  # bits of bpf/ablate.bpf.h named below
 # (part, bit in bpf/ablate.bpf.h): one variant per part
 PARTS: tuple[tuple[str, int], ...] = (
     ("settings look-up (a .data global instead)", 1 << 0),
     ("socket cast (the helper instead of the bpf_rdonly_cast kfunc)", 1 << 1),
     ("peer caches (tables every event)", 1 << 2),
     ("peer classification (all)", 1 << 3),
-    ("slot computation", 1 << 4),
-    ("host histogram", 1 << 5),
+    ("slot computation", SLOT),
+    ("host histogram", HOST_HIST),
     ("per-peer row (atomic)", 1 << 6),
     ("node metrics (host + peer)", 1 << 7),
     ("event sampling + lease check", 1 << 8),
-    ("ack check", 1 << 9),
+    ("ack check", ACK_CHECK),
 )
 ALL_BUT_FLOOR = sum(bit for _, bit in PARTS)
 # the other way round: everything removed but one part, what that part costs
@@ -52,8 +53,8 @@ ALL_BUT_FLOOR = sum(bit for _, bit in PARTS)
 HIST_ALONE = "the histogram add alone (slot computed; tcp_probe: ack check kept)"
 ACK_ALONE = "the ack check alone (tcp_probe: the socket's lines read)"
 ALONE: tuple[tuple[str, int], ...] = (
-    (HIST_ALONE, ALL_BUT_FLOOR & ~((1 << 4) | (1 << 5) | (1 << 9))),
-    (ACK_ALONE, ALL_BUT_FLOOR & ~(1 << 9)),
+    (HIST_ALONE, ALL_BUT_FLOOR & ~(SLOT | HOST_HIST | ACK_CHECK)),
+    (ACK_ALONE, ALL_BUT_FLOOR & ~ACK_CHECK),
 )
 # the parts sched_switch has (bpf/sched.bpf.h), named for what they are there
 SCHED_PARTS = {
