@@ -3,8 +3,8 @@ it: what makes a window's histogram exact (the difference modulo 2^32) without
 a second copy of the rows.
 
 A peer's RTT spans a few octaves, not the 256 slots of a row (32 octaves of 8
-sub-buckets): each row is kept as the WIDTH slots from its first nonzero low
-word (4 B x WIDTH a peer: 4 MiB at 16,384 peers, a quarter of whole rows), and
+sub-buckets): each row is kept as the WIDTH slots around its nonzero low
+words (4 B x WIDTH a peer: 4 MiB at 16,384 peers, a quarter of whole rows), and
 a row whose nonzero low words span more than WIDTH slots is kept whole in
 `wide`. A slot outside the kept ones is 0 modulo 2^32: exact either way.
 """
@@ -81,7 +81,11 @@ class LowWords:
         nz = low != 0
         first = np.argmax(nz, axis=1)
         last = MAX_SLOTS - 1 - np.argmax(nz[:, ::-1], axis=1)
-        start = np.minimum(first, MAX_SLOTS - WIDTH)
+        # the WIDTH slots around the nonzero words, the room left shared
+        # below and above them: a range that moves a few slots either way
+        # (a lower RTT than ever) still fits at the next advance()
+        room = np.maximum(WIDTH - (last - first + 1), 0) // 2
+        start = np.clip(first - room, 0, MAX_SLOTS - WIDTH)
         fits = (last - start < WIDTH) | ~nz.any(axis=1)
         k = np.flatnonzero(fits)
         self.start[ids[k]] = start[k]

@@ -292,8 +292,10 @@ def flags_of(pins: Pins) -> npt.NDArray[np.uint32]:
     """peer_info_map's flags, one per id (read in place, no loop over the ids)."""
     m = pins["peer_info_map"]
     size, off = ffi.sizeof("struct peer_info"), ffi.offsetof("struct peer_info", "flags")
-    raw = m.mapped().reshape(m.max_entries, size)
-    return raw[:, off : off + 4].copy().view(np.uint32).ravel()
+    if size % 4 or off % 4:
+        raise ValueError(f"struct peer_info: flags at {off} of {size} bytes, not 4-aligned")
+    words = m.mapped().view(np.uint32).reshape(m.max_entries, size // 4)
+    return words[:, off // 4].copy()  # one strided column of words, not 4 of bytes
 
 
 def owner_counts(pins: Pins, nodes: int) -> tuple[npt.NDArray[np.int64], set[int]]:

@@ -121,14 +121,17 @@ class ZoneTotals:
 
     def _rest(self, host: Hist, hm: NodeMetrics, zoned: Totals) -> None:
         """peer_zone="" gets node 0's interval less the zoned peers' (and the debt)."""
-        debt = self.debt.slots or [0] * len(host.slots)
-        owed = [z + d for z, d in zip(zoned.slots or [0] * len(host.slots), debt, strict=True)]
-        pairs = [_minus(have, take) for have, take in zip(host.slots, owed, strict=True)]
+        have = np.array(host.slots, dtype=np.uint64)  # slot by slot as _minus, at once
+        owed = np.zeros(len(have), dtype=np.uint64)
+        for owing in (zoned.slots, self.debt.slots):
+            if owing:
+                owed += np.array(owing, dtype=np.uint64)
+        paid = np.minimum(have, owed)
         rtt_sum, sum_debt = _minus(hm.rtt_sum, zoned.rtt_sum + self.debt.rtt_sum)
         retrans, retrans_debt = _minus(hm.retrans_count, zoned.retrans + self.debt.retrans)
-        self.debt = Totals([d for _, d in pairs], sum_debt, retrans_debt)
+        self.debt = Totals((owed - paid).tolist(), sum_debt, retrans_debt)
         rest = NodeMetrics(rtt_sum=rtt_sum, retrans_count=retrans)
-        self.zones[EMPTY_ZONE].add(Hist(tuple(r for r, _ in pairs)), rest)
+        self.zones[EMPTY_ZONE].add(Hist(tuple((have - paid).tolist())), rest)
 
     def shown(self, most: int) -> dict[str, Totals]:
         """At most `most` zones (at least peer_zone=""): when more zones than
