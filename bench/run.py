@@ -191,6 +191,28 @@ def run_latency(r: Report, plan: Plan) -> None:
     r.row(s, "all collectors", f"{lat.median_with:.3f} us  runs {lat.with_us}")
     r.row(s, "overhead (median of paired ratios)", f"{100 * (lat.ratio - 1):+.1f} %")
     r.target("request/response latency overhead", 100 * (lat.ratio - 1), "%", 1.0)
+    run_inline(r, plan)
+
+
+def run_inline(r: Report, plan: Plan) -> None:
+    c = latency.inline(plan.latency_seconds)
+    r.add("latency_inline", asdict(c))
+    s = "2b. the programs' run time per round trip (one ping-pong run, bpf stats on)"
+    for name, who in (("ours", c.ours), ("empty programs, same hooks", c.empty)):
+        hooks = ", ".join(
+            f"{h} {c.runs_per_round_trip(who, h):.2f} x {ns / max(n, 1):.0f} ns"
+            for h, (n, ns) in sorted(who.items())
+            if n
+        )
+        r.row(
+            s,
+            name,
+            f"{c.ns_per_round_trip(who):.0f} ns = {c.share(who):.2f} % of the "
+            f"{c.rtt_us:.1f} us round trip ({c.round_trips} round trips; {hooks})",
+        )
+    above = c.ns_per_round_trip(c.ours) - c.ns_per_round_trip(c.empty)
+    share = c.share(c.ours) - c.share(c.empty)
+    r.row(s, "ours less the empty programs", f"{above:.0f} ns = {share:.2f} % of the round trip")
 
 
 def run_userspace(r: Report, plan: Plan) -> None:

@@ -46,16 +46,28 @@ def _sockperf(args: list[str], timeout: float) -> str:
     return out.stdout + out.stderr
 
 
-def ping_pong(port: int, seconds: float, msg_size: int = 64) -> float:
-    """`sockperf pp`: median one-way latency (RTT/2), microseconds."""
+@dataclass(frozen=True)
+class PingPong:
+    median_us: float  # one-way latency (RTT/2), the valid duration's median
+    round_trips: int  # replies received over the whole run, warm-up included
+
+
+def ping_pong_run(port: int, seconds: float, msg_size: int = 64) -> PingPong:
+    """`sockperf pp`: its median one-way latency and every round trip it made."""
     text = _sockperf(
         ["pp", "--tcp", "-i", HOST, "-p", str(port), "-t", str(seconds), "-m", str(msg_size)],
         seconds + 30,
     )
     m = re.search(r"percentile 50\.000 =\s*([\d.]+)", text)
-    if not m:
-        raise RuntimeError(f"no median in sockperf output:\n{text[-500:]}")
-    return float(m.group(1))
+    n = re.search(r"\[Total Run\].*ReceivedMessages=(\d+)", text)
+    if not m or not n:
+        raise RuntimeError(f"no median or message count in sockperf output:\n{text[-500:]}")
+    return PingPong(float(m.group(1)), int(n.group(1)))
+
+
+def ping_pong(port: int, seconds: float, msg_size: int = 64) -> float:
+    """`sockperf pp`: median one-way latency (RTT/2), microseconds."""
+    return ping_pong_run(port, seconds, msg_size).median_us
 
 
 def paced(port: int, seconds: float, mps: int, msg_size: int = 16) -> int:
@@ -150,4 +162,13 @@ def touching(p: Peers, every: float) -> Iterator[None]:
         t.join()
 
 
-__all__ = ["Peers", "paced", "peers", "ping_pong", "sockperf_server", "touching"]
+__all__ = [
+    "Peers",
+    "PingPong",
+    "paced",
+    "peers",
+    "ping_pong",
+    "ping_pong_run",
+    "sockperf_server",
+    "touching",
+]
