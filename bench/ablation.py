@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import hooks
 import probes
 import workload
-from bpfstats import prog_stats, stats_enabled
+from bpfstats import during
 
 from ebpf_telemetry import plan
 
@@ -147,10 +147,7 @@ def measure(seconds: float) -> AblationResult:
             ("ping-pong", lambda: workload.ping_pong(port, seconds)),
             ("bulk", lambda: hooks.bulk(seconds)),
         ):
-            with stats_enabled():
-                before = {k: prog_stats(i) for k, i in ids.items()}
-                run()
-                after = {k: prog_stats(i).since(before[k]) for k, i in ids.items()}
+            after, _ = during(ids, run)
             load[wl] = os.getloadavg()[0]
             rows += [Ablated(h, p, wl, d.ns_per_event, d.run_cnt) for (h, p), d in after.items()]
             rows += [_shipped(rows, h, wl) for h in HOOKS]

@@ -10,9 +10,13 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
 BPF_STATS_RUN_TIME = 0
@@ -163,3 +167,12 @@ def stats_enabled() -> Iterator[None]:
 def stats_sysctl() -> str:
     with open(SYSCTL) as f:
         return f.read().strip()
+
+
+def during(ids: Mapping[K, int], run: Callable[[], T]) -> tuple[dict[K, ProgStats], T]:
+    """Each program's runs and run time while run() ran (bpf stats on
+    meanwhile), and what run() returned."""
+    with stats_enabled():
+        before = {k: prog_stats(i) for k, i in ids.items()}
+        out = run()
+        return {k: prog_stats(i).since(before[k]) for k, i in ids.items()}, out

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import probes
 import workload
-from bpfstats import ProgStats, prog_stats, stats_enabled
+from bpfstats import ProgStats, during, prog_stats, stats_enabled
 
 from ebpf_telemetry.maps import Pins
 from ebpf_telemetry.snapshot import take
@@ -121,12 +121,9 @@ def measure(seconds: float) -> HookResult:
             ids = _watch(t, empty, tools)
             ids |= {(h, "ours-cold"): i for h, i in cold.prog_ids().items() if h in HOOKS}
             for wl, run in _runs(port, seconds).items():
-                with stats_enabled():
-                    before = {k: prog_stats(i) for k, i in ids.items()}
-                    run()
-                    after = {k: prog_stats(i) for k, i in ids.items()}
+                after, _ = during(ids, run)
                 load[wl] = os.getloadavg()[0]
-                costs += [_cost(k, wl, after[k].since(before[k])) for k in sorted(ids)]
+                costs += [_cost(k, wl, after[k]) for k in sorted(ids)]
                 costs += _nothing_attached(ids, wl)
     return HookResult(costs, seconds, notes, load)
 

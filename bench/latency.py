@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import probes
 import workload
-from bpfstats import prog_stats, stats_enabled
+from bpfstats import during
 from hooks import EMPTY_SRC
 
 
@@ -96,11 +96,7 @@ def inline(seconds: float) -> InlineCost:
             ids = {("ours", h): i for h, i in ours.items()} | {
                 ("empty", h): i for h, i in floor.items()
             }
-            with stats_enabled():
-                before = {k: prog_stats(i) for k, i in ids.items()}
-                pp = workload.ping_pong_run(port, seconds)
-                after = {k: prog_stats(i) for k, i in ids.items()}
-    runs = {k: after[k].since(before[k]) for k in ids}
+            runs, pp = during(ids, lambda: workload.ping_pong_run(port, seconds))
     return InlineCost(
         pp.round_trips,
         2 * pp.median_us,

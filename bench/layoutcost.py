@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import probes
 import workload
-from bpfstats import prog_stats, stats_enabled
+from bpfstats import during
 
 from ebpf_telemetry import facts
 
@@ -76,10 +76,7 @@ def measure(seconds: float) -> list[LayoutCost]:
                     obj = old if layout == "per-CPU rows" else None
                     t = stack.enter_context(probes.telemetry(f"layout{i}", 100, obj, helper))
                     ids[layout] = t.prog_ids()["tcp_probe"]
-                with stats_enabled():
-                    before = {k: prog_stats(v) for k, v in ids.items()}
-                    workload.ping_pong(port, seconds)
-                    after = {k: prog_stats(v).since(before[k]) for k, v in ids.items()}
+                after, _ = during(ids, lambda: workload.ping_pong(port, seconds))
             for i, layout in enumerate(order):
                 out.append(
                     LayoutCost(layout, i + 1, after[layout].ns_per_event, after[layout].run_cnt)

@@ -200,7 +200,7 @@ def run_inline(r: Report, plan: Plan) -> None:
     s = "2b. the programs' run time per round trip (one ping-pong run, bpf stats on)"
     for name, who in (("ours", c.ours), ("empty programs, same hooks", c.empty)):
         hooks = ", ".join(
-            f"{h} {c.runs_per_round_trip(who, h):.2f} x {ns / max(n, 1):.0f} ns"
+            f"{h} {c.runs_per_round_trip(who, h):.2f} x {ns / n:.0f} ns"
             for h, (n, ns) in sorted(who.items())
             if n
         )

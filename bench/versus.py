@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hooks
 import probes
 import workload
-from bpfstats import prog_stats, stats_enabled
+from bpfstats import during
 
 HOOKS = ("tcp_probe", "sched_switch")
 THIS = os.path.join(probes.ROOT, "build", "telemetry.bpf.o")
@@ -79,10 +79,7 @@ def main() -> int:
             "bulk": lambda: hooks.bulk(a.seconds),
         }
         for wl, run in runs.items():
-            with stats_enabled():
-                before = {k: prog_stats(i) for k, i in ids.items()}
-                run()
-                d = {k: prog_stats(i).since(before[k]) for k, i in ids.items()}
+            d, _ = during(ids, run)
             load = os.getloadavg()[0]
             for h in HOOKS:
                 ns = {tag: d[(hh, tag)].ns_per_event or 0.0 for hh, tag in d if hh == h}
