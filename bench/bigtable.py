@@ -13,7 +13,8 @@ parts: families (the collector's collect(): its metric families built),
 exposition (prometheus_client's generate_latest of those families: the text
 format alone) and write (the atomic write).
 
-    bigtable.py N CYCLES   (the child: prints one JSON line)
+    bigtable.py N CYCLES [EVERY]   (the child: prints one JSON line; one peer
+                                    in EVERY moves, default 16; 1: all of them)
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class Load:
 
     CHUNK = 1024
 
-    def __init__(self, pins: Pins, n: int) -> None:
-        self.pins, self.n = pins, n
+    def __init__(self, pins: Pins, n: int, every: int = MOVING) -> None:
+        self.pins, self.n, self.every = pins, n, every
         self.rng = np.random.default_rng(n)
         self.metrics = np.zeros((n + 1, noderows.WORDS), dtype=np.uint64)
         for a in range(1, n + 1, self.CHUNK):
@@ -122,7 +123,7 @@ class Load:
         _rows(self.pins, ids, hists, self.metrics[ids])
 
     def move(self) -> None:
-        k = max(self.n // MOVING, 1)
+        k = max(self.n // self.every, 1)
         ids = np.sort(self.rng.choice(self.n, size=k, replace=False) + 1).astype(np.int64)
         hists = noderows.lookup_rows(self.pins["rtt_hist_map"], ids)
         hists += _samples(self.rng, k, 18)
@@ -134,10 +135,10 @@ class LoadProcess:
     """The Load in a process of its own: it stands in for the programs, whose
     memory is the kernel's, so the measured process holds nothing of it."""
 
-    def __init__(self, pin_dir: str, n: int) -> None:
+    def __init__(self, pin_dir: str, n: int, every: int) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=_load_main, args=(pin_dir, n, theirs), daemon=True)
+        self.proc = ctx.Process(target=_load_main, args=(pin_dir, n, every, theirs), daemon=True)
         self.proc.start()
         if self.conn.recv() != "ready":
             raise RuntimeError("the load process did not fill the rows")
@@ -151,9 +152,9 @@ class LoadProcess:
         self.proc.join()
 
 
-def _load_main(pin_dir: str, n: int, conn: Any) -> None:
+def _load_main(pin_dir: str, n: int, every: int, conn: Any) -> None:
     with Pins(pin_dir) as pins:
-        load = Load(pins, n)
+        load = Load(pins, n, every)
         conn.send("ready")
         while conn.recv() == "move":
             load.move()
@@ -207,7 +208,7 @@ def _status(key: str) -> float:
         return next(int(x.split()[1]) for x in f if x.startswith(key + ":")) / 1024
 
 
-def child(n: int, cycles: int) -> BigCycle:
+def child(n: int, cycles: int, every: int = MOVING) -> BigCycle:
     cfg = Config(pin_dir=probes.pin_dir(f"big{n}"), textfile="/dev/null", max_peers=n)
     cfg = replace(cfg, node_name="bench", peer_idle_seconds=3600)
     loader.attach(cfg)
@@ -215,7 +216,7 @@ def child(n: int, cycles: int) -> BigCycle:
     try:
         with Pins(cfg.pin_dir) as pins, tempfile.TemporaryDirectory() as tmp:
             tablecheck._fill(pins, n)
-            load = LoadProcess(cfg.pin_dir, n)
+            load = LoadProcess(cfg.pin_dir, n, every)
             reader = noderows.NodeReader(pins)
             checker = peertable.Checker()
             collector = TelemetryCollector(cfg)
@@ -243,7 +244,7 @@ def child(n: int, cycles: int) -> BigCycle:
     hwm = _status("VmHWM")
     return BigCycle(
         n,
-        max(n // MOVING, 1),
+        max(n // every, 1),
         statistics.median(totals),
         totals[min(int(len(totals) * 0.95), len(totals) - 1)],
         {p: statistics.median(x[p] for x in times) for p in PARTS},
@@ -256,11 +257,12 @@ def child(n: int, cycles: int) -> BigCycle:
     )
 
 
-def measure(counts: tuple[int, ...], cycles: int) -> list[BigCycle]:
+def measure(counts: tuple[int, ...], cycles: int, every: int = MOVING) -> list[BigCycle]:
+    """The cycle at each count of peers, one peer in `every` moving (1: all)."""
     out = []
     for n in counts:
         r = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), str(n), str(cycles)],
+            [sys.executable, os.path.abspath(__file__), str(n), str(cycles), str(every)],
             capture_output=True,
             text=True,
             check=True,
@@ -271,4 +273,5 @@ def measure(counts: tuple[int, ...], cycles: int) -> list[BigCycle]:
 
 if __name__ == "__main__":
     random.seed(0)
-    print(json.dumps(asdict(child(int(sys.argv[1]), int(sys.argv[2])))))
+    every = int(sys.argv[3]) if len(sys.argv) > 3 else MOVING
+    print(json.dumps(asdict(child(int(sys.argv[1]), int(sys.argv[2]), every))))

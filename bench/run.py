@@ -266,6 +266,15 @@ def run_bigtable(r: Report, plan: Plan) -> None:
     r.target(f"cycle p95 at {top.peers} peers", top.p95_ms, "ms", 20.0)
     r.target(f"CPU at {top.peers} peers, 5 s interval", top.cpu_pct, "%", 0.5)
     r.target(f"RSS (peak) at {top.peers} peers", top.rss_mb, "MB", 80.0)
+    busy = bigtable.measure((BIG_COUNTS[-1],), max(plan.cycles // 4, 3), every=1)[0]
+    r.add("bigtable_busy", [busy])
+    r.row(
+        s,
+        f"{busy.peers:>6} peers, every one moving (a busy node; no target)",
+        f"median {busy.median_ms:.1f} ms, p95 {busy.p95_ms:.1f} ms = "
+        + " + ".join(f"{k} {v:.1f}" for k, v in busy.parts_ms.items())
+        + f"; CPU {busy.cpu_pct:.2f} % at 5 s; RSS {busy.rss_mb:.0f} MB peak",
+    )
 
 
 def run_tablecheck(r: Report, plan: Plan) -> None:

@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 
 from agentlab import EventDrain, attach, peer_id
 from ebpf_telemetry import config, layout, lowwords, noderows
 from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS, quantiles, quantiles_rows, value_to_slot
+from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
 from ebpf_telemetry.values import Hist, NodeMetrics
 from netlab import Netns, TcpEchoServer, tcp_pingpong, veth_pair, wait_until
@@ -237,6 +239,98 @@ def test_16384_peers_load_and_read_back_exactly(make_config: Any, lab: Any) -> N
     assert w.node(HOST).rtt_count >= count  # the host counts every peer's samples
 
 
+def _write(pins: Any, ids: np.ndarray, hists: np.ndarray) -> None:
+    """Rows as the programs' adds leave them: RTT histogram and counters."""
+    key = ffi.new("__u32 *")
+    metrics = np.zeros((len(ids), noderows.WORDS), dtype=np.uint64)
+    metrics[:, noderows.RTT_COUNT] = hists.sum(axis=1)
+    for j, i in enumerate(ids.tolist()):
+        key[0] = i
+        pins["rtt_hist_map"].update(key, ffi.from_buffer(np.ascontiguousarray(hists[j])))
+        pins["node_metrics_map"].update(key, ffi.from_buffer(metrics[j]))
+
+
+def test_rows_read_by_blocks_equal_the_rows_looked_up(make_config: Any) -> None:
+    """read_rows (a batch look-up where most of a block moved, a look-up a row
+    elsewhere) gives lookup_rows' rows for every pattern of ids: every peer
+    to the table's last (a part block at the end), a few, most of a block
+    with gaps, runs across block edges. Then a NodeReader's reading where
+    every peer moved, narrow and wide rows, slots past 2^32: what it says
+    was added, and each row as of it, against the rows written."""
+    n = 3 * noderows.BLOCK + 100
+    rng = np.random.default_rng(5)
+    ids = np.arange(1, n + 1, dtype=np.int64)  # not `other` (n + 1): this machine's traffic
+    hists = np.zeros((n, MAX_SLOTS), dtype=np.uint64)
+    narrow = rng.integers(0, MAX_SLOTS - 8, size=n)
+    for s in range(8):
+        hists[np.arange(n), narrow + s] = rng.integers(1, 1 << 40, size=n, dtype=np.uint64)
+    wide = np.arange(n) % 3 == 0  # every slot used: kept whole by the reader
+    hists[wide] = rng.integers(0, 1 << 36, size=(int(wide.sum()), MAX_SLOTS), dtype=np.uint64)
+    b = noderows.BLOCK
+    patterns = {
+        "every": ids,
+        "few": np.sort(rng.choice(ids, 40, replace=False)),
+        "gaps": ids[(ids >= b) & (ids < 2 * b) & (ids % 7 != 0)],
+        "edges": np.r_[ids[b - 300 : b + 300], ids[-20:]],
+    }
+    with attach(make_config(max_peers=n, peers=fillers(n))) as pins:
+        _write(pins, ids, hists)
+        hm = pins["rtt_hist_map"]
+        for name, some in patterns.items():
+            want = noderows.lookup_rows(hm, some)
+            assert (want == hists[some - 1]).all(), name
+            assert (noderows.read_rows(hm, some) == want).all(), name
+            buf = np.ones((len(some) + 5, MAX_SLOTS), dtype=np.uint64)
+            assert (noderows.read_rows(hm, some, buf) == want).all(), name
+        reader = noderows.NodeReader(pins)
+        try:
+            s0 = take(pins, reader)
+            before = [s0.hist(i).slots for i in (1, b, n // 2, n)]  # read again by s1 below
+            added = rng.integers(0, 1000, size=(n, MAX_SLOTS), dtype=np.uint64)
+            added[~wide] = 0
+            added[np.arange(n), narrow + rng.integers(0, 8, size=n)] += np.uint64(1 << 32) + 3
+            _write(pins, ids, hists + added)
+            s1 = take(pins, reader)
+            w = Window(s0, s1)
+            assert (w.hist_rows(ids) == (added % (1 << 32)).astype(np.uint32)).all()
+            for i, was in zip((1, b, n // 2, n), before, strict=True):
+                assert was == tuple(hists[i - 1].tolist())
+                assert s1.hist(i).slots == tuple((hists[i - 1] + added[i - 1]).tolist())
+            with pytest.raises(noderows.SupersededError):  # s1 read every row again
+                s0.hist(1)
+        finally:
+            reader.close()
+
+
+def test_a_scrape_after_the_next_reading_shows_the_interval_exported(make_config: Any) -> None:
+    """/metrics is collected in another thread, at any time: a scrape after
+    the agent took its next reading (rows moved, the reader's low words
+    advanced) still shows the interval update() exported, per-peer
+    histograms too: collect() reads no map."""
+    n = 8
+    cfg = make_config(max_peers=n, peers=fillers(n))  # peer_detail "histogram" here
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    hists = np.zeros((n, MAX_SLOTS), dtype=np.uint64)
+    hists[:, 90:94] = 5
+    with attach(cfg) as pins:
+        reader = noderows.NodeReader(pins)
+        collector = TelemetryCollector(cfg)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        try:
+            s0 = take(pins, reader)
+            _write(pins, ids, hists)
+            s1 = take(pins, reader)
+            collector.update(Window(s0, s1), 0.0)
+            text = generate_latest(registry)
+            assert b'ebpf_tcp_rtt_seconds_count{node="test-node",peer="f00007"' in text
+            _write(pins, ids, hists * 3)
+            take(pins, reader)  # the next interval's reading, not exported yet
+            assert generate_latest(registry) == text
+        finally:
+            reader.close()
+
+
 def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
     """A reader's differences modulo 2^32 against the exact differences: rows
     near and past 2^32 in a slot, random moves, some ids not moving."""
@@ -249,7 +343,7 @@ def test_reader_windows_equal_full_windows_on_hand_made_rows() -> None:
     after[:, 100] += 5  # past 2^32
     ids, low = np.arange(1, 7, dtype=np.int64), lowwords.LowWords(7)
     low.put(ids, rows)  # as the reader keeps them at its previous reading
-    since = low.advance(ids, after.astype(np.uint32))
+    since = low.advance(ids, after)
     h = noderows.HistRows(7, Hist.empty(), ids, after, 2, 1, since)
     assert (h.added() == after - rows).all()
 
@@ -282,7 +376,7 @@ def test_low_words_equal_the_whole_rows_low_words(readings: list[Any]) -> None:
     for ids, rows in readings:
         arr = np.array(ids, dtype=np.int64)
         now = np.array(rows, dtype=np.uint64).astype(np.uint32)
-        assert (other.advance(arr, now) == now - want[arr]).all()  # modulo 2^32
+        assert (other.advance(arr, np.array(rows, dtype=np.uint64)) == now - want[arr]).all()
         low.put(arr, np.array(rows, dtype=np.uint64))
         assert (other.get(np.arange(10, dtype=np.int64)) == low.get(np.arange(10))).all()
         want[arr] = np.array(rows, dtype=np.uint64).astype(np.uint32)

@@ -33,6 +33,7 @@ typedef unsigned short __u16;
 typedef unsigned int __u32;
 typedef int __s32;
 typedef unsigned long long __u64;
+typedef long long __s64;
 
 struct bpf_object;
 struct bpf_program;
@@ -182,6 +183,9 @@ int mount(const char *source, const char *target, const char *fstype, unsigned l
 int ebt_fs_type(const char *path, unsigned long long *type);
 ring_buffer_sample_fn ebt_ringbuf_sample;
 int ebt_lookup_rows(int fd, const __u32 *keys, unsigned int n, void *out, unsigned int size);
+void ebt_advance_rows(const __u64 *rows, const __s64 *ids, unsigned int n, const __s64 *start,
+                      __u32 *words, __u32 *out, __u8 *fits);
+#define EBT_LOW_WIDTH ...
 """
 
 C_SOURCE = """
@@ -258,6 +262,51 @@ static int ebt_lookup_rows(int fd, const __u32 *keys, unsigned int n, void *out,
         if (bpf_map_lookup_elem(fd, &keys[i], (char *)out + (size_t)i * size) != 0)
             return -errno;
     return 0;
+}
+
+/* lowwords.py's LowWords.advance, one pass per row. rows: n rows of
+ * MAX_SLOTS counts as read now, of the node ids `ids` (no repeats);
+ * start[id] the first of the EBT_LOW_WIDTH slots whose low words are kept in
+ * words[id] (-1: the row is kept whole, by the caller). For a row whose
+ * nonzero low words all lie within its kept slots: out = its low words less
+ * the kept ones (modulo 2^32: what was added since), the kept ones advanced
+ * to now, and fits[j] = 1. Else out = its low words as they are and
+ * fits[j] = 0: the caller subtracts the whole row it kept and keeps the row
+ * anew. Loops of constant length over restrict pointers: vectorized at -O2. */
+#define EBT_LOW_WIDTH 64
+
+static void ebt_advance_rows(const __u64 *restrict rows, const __s64 *ids, unsigned int n,
+                             const __s64 *start, __u32 *restrict words,
+                             __u32 *restrict out, __u8 *fits)
+{
+    unsigned int j, s, lo;
+
+    for (j = 0; j < n; j++) {
+        const __u64 *restrict row = rows + (size_t)j * MAX_SLOTS;
+        __u32 *restrict o = out + (size_t)j * MAX_SLOTS;
+        __u32 *restrict kept = words + (size_t)ids[j] * EBT_LOW_WIDTH;
+        __s64 first = start[ids[j]];
+        __u32 stray = 0; /* the low words outside the kept slots, or'ed */
+
+        for (s = 0; s < MAX_SLOTS; s++)
+            o[s] = (__u32)row[s];
+        if (first < 0 || first > MAX_SLOTS - EBT_LOW_WIDTH) {
+            fits[j] = 0;
+            continue;
+        }
+        lo = (unsigned int)first;
+        for (s = 0; s < MAX_SLOTS; s++)
+            stray |= o[s] & (0u - (s - lo >= EBT_LOW_WIDTH)); /* s < lo wraps: outside */
+        fits[j] = stray == 0;
+        if (stray)
+            continue;
+        for (s = 0; s < EBT_LOW_WIDTH; s++) {
+            __u32 now = o[first + s];
+
+            o[first + s] = now - kept[s];
+            kept[s] = now;
+        }
+    }
 }
 """
 

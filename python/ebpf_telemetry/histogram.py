@@ -155,11 +155,26 @@ def merge(rows: Iterable[Sequence[int]]) -> list[int]:
     return out
 
 
+ROWS_AT_ONCE = 1024  # quantiles_rows' float temporaries: 8 B x used slots x this, a few
+
+
 def quantiles_rows(rows: Any, qs: Sequence[float], means: Any = None) -> Any:
     """quantiles() of many histograms at once: rows (k x MAX_SLOTS counts),
     means (k, NaN: none); a (k x len(qs)) float array, NaN where a row is
-    empty. The same estimate as quantiles(), in floating point throughout."""
+    empty. The same estimate as quantiles(), in floating point throughout,
+    ROWS_AT_ONCE rows at a time (16,384 rows of 256 slots: 32 MiB a
+    temporary if at once)."""
     rows = np.asarray(rows)
+    if len(rows) <= ROWS_AT_ONCE:
+        return _quantiles_rows(rows, qs, means)
+    out = np.empty((len(rows), len(qs)))
+    for a in range(0, len(rows), ROWS_AT_ONCE):
+        part = None if means is None else np.asarray(means)[a : a + ROWS_AT_ONCE]
+        out[a : a + ROWS_AT_ONCE] = _quantiles_rows(rows[a : a + ROWS_AT_ONCE], qs, part)
+    return out
+
+
+def _quantiles_rows(rows: Any, qs: Sequence[float], means: Any) -> Any:
     k = len(rows)
     out = np.full((k, len(qs)), np.nan)
     cols = np.flatnonzero(np.bitwise_or.reduce(rows, axis=0)) if k else rows[:0]

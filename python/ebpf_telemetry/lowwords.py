@@ -11,13 +11,16 @@ a row whose nonzero low words span more than WIDTH slots is kept whole in
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
+from ebpf_telemetry.binding import ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS
 
-WIDTH = 64  # 8 octaves: the highest RTT up to 256x the lowest, in the narrow form
+WIDTH = lib.EBT_LOW_WIDTH  # 64, 8 octaves: the highest RTT up to 256x the lowest, kept narrow
 Low = npt.NDArray[np.uint32]
 
 
@@ -35,44 +38,63 @@ def _windows(rows: Low) -> Low:
     return out
 
 
+def _ptr(ctype: str, a: npt.NDArray[Any]) -> Any:
+    """a C pointer to a's data (C-contiguous: the caller's, checked here)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("a C-contiguous array expected")
+    return ffi.cast(ctype, ffi.from_buffer(a))
+
+
 class LowWords:
     """node id -> the low words of its row (all 0 until put)."""
 
     def __init__(self, nodes: int) -> None:
-        self.start = np.zeros(nodes, dtype=np.int64)  # the first slot kept
+        self.start = np.zeros(nodes, dtype=np.int64)  # the first slot kept; -1: in `wide`
         self.words = np.zeros((nodes, WIDTH), dtype=np.uint32)
         self.wide: dict[int, Low] = {}  # rows whose low words span more than WIDTH
 
     def get(self, ids: npt.NDArray[np.int64]) -> Low:
         """The rows of ids, MAX_SLOTS low words each."""
         out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint32)
-        _windows(out)[np.arange(len(ids)), self.start[ids]] = self.words[ids]
+        starts = np.maximum(self.start[ids], 0)  # -1 (kept whole): words are 0
+        _windows(out)[np.arange(len(ids)), starts] = self.words[ids]
         if self.wide:
             for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
                 out[j] = self.wide[int(ids[j])]
         return out
 
-    def advance(self, ids: npt.NDArray[np.int64], low: Low) -> Low:
-        """low (the low words of the rows of ids now) less get(ids), modulo
-        2^32: what was added since; then put(ids, low). In one pass over the
-        rows whose nonzero low words are all still in the slots kept for
-        them (a peer's RTT range rarely moves: the common case); put() for
-        the others."""
-        out = low.copy()
-        win, rows, starts = _windows(out), np.arange(len(ids)), self.start[ids]
-        kept = win[rows, starts]  # the kept slots' low words now (a copy)
-        win[rows, starts] = kept - self.words[ids]
-        # all nonzero words among the kept slots: their sum is the row's
-        fits = kept.sum(axis=1, dtype=np.uint64) == low.sum(axis=1, dtype=np.uint64)
-        if self.wide:
-            for j in np.flatnonzero(np.isin(ids, list(self.wide))).tolist():
-                out[j] = low[j] - self.wide[int(ids[j])]
-                fits[j] = False
-        if fits.all():
-            self.words[ids] = kept
-            return out
-        self.words[ids[fits]] = kept[fits]
-        self.put(ids[~fits], low[~fits])
+    def advance(
+        self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint64], out: Low | None = None
+    ) -> Low:
+        """The low words of rows (u64, as read now, one per id, ids without
+        repeats) less get(ids), modulo 2^32: what was added since (into out,
+        C-contiguous, if given); then put(ids, rows). One pass in C
+        (_libbpf's ebt_advance_rows) over the rows whose nonzero low words
+        all still lie in the slots kept for them (a peer's RTT range rarely
+        moves: the common case); put() for the others."""
+        rows = np.ascontiguousarray(rows, dtype=np.uint64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if rows.shape != (len(ids), MAX_SLOTS) or (len(ids) and ids.max() >= len(self.start)):
+            raise ValueError(f"{len(ids)} rows of {MAX_SLOTS} slots of ids < {len(self.start)}")
+        if out is None:
+            out = np.empty((len(ids), MAX_SLOTS), dtype=np.uint32)
+        elif out.shape != rows.shape or out.dtype != np.uint32:
+            raise ValueError(f"out: {len(ids)} rows of {MAX_SLOTS} u32 expected")
+        fits = np.empty(len(ids), dtype=np.uint8)
+        lib.ebt_advance_rows(
+            _ptr("__u64 *", rows),
+            _ptr("__s64 *", ids),
+            len(ids),
+            _ptr("__s64 *", self.start),
+            _ptr("__u32 *", self.words),
+            _ptr("__u32 *", out),
+            _ptr("__u8 *", fits),
+        )
+        moved = np.flatnonzero(fits == 0)
+        if len(moved):  # out holds their low words now
+            low = out[moved].copy()
+            out[moved] = low - self.get(ids[moved])
+            self.put(ids[moved], low)
         return out
 
     def put(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint64] | Low) -> None:
@@ -94,7 +116,7 @@ class LowWords:
             for i in set(ids[k].tolist()) & self.wide.keys():
                 del self.wide[i]
         for j in np.flatnonzero(~fits).tolist():
-            self.start[ids[j]] = 0
+            self.start[ids[j]] = -1  # kept whole: ebt_advance_rows leaves it to put()
             self.words[ids[j]] = 0
             self.wide[int(ids[j])] = low[j].copy()
 

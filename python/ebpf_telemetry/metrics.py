@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 from prometheus_client.core import Metric
@@ -58,7 +58,9 @@ class Export:
     figures, not the window: the reading before is let go (at 16,384 peers a
     reading holds ~4 MiB of rows; the agent would hold three at once). The
     families rendered here are built once, counted against max_series in
-    update() and yielded as they are by every collect() (read-only)."""
+    update() and yielded as they are by every collect() (read-only): a
+    scrape reads no map (a peer's histogram row read at scrape time could be
+    one the next interval's reading has moved on)."""
 
     cur: Snapshot  # the window's new reading
     host: list[Metric]  # the host's RTT families, rendered once
@@ -69,6 +71,7 @@ class Export:
     drops: list[tuple[str, int]]  # reason -> count, within max_series (dropreasons.py)
     detail: str  # peer_detail
     peer_buckets: Buckets
+    peers: list[Metric] = field(default_factory=list)  # the exported peers' families, rendered
 
 
 class TelemetryCollector(Collector):
@@ -149,8 +152,11 @@ class TelemetryCollector(Collector):
             window, window.cur.peers, fit, self.budget.holding(), self.budget.table
         )
         choice = self.budget.choose(peers, fit)
-        unchosen = replace(unchosen, labels=self._labels(choice))
-        self.export = replace(unchosen, choice=choice)
+        labels = self._labels(choice)
+        rendered = peerdetail.families(
+            self.detail, choice.exported, labels, window.cur, self.peer_buckets
+        )
+        self.export = replace(unchosen, labels=labels, choice=choice, peers=list(rendered))
         self._note_over(always)
 
     def _note_over(self, always: int) -> None:
@@ -171,7 +177,7 @@ class TelemetryCollector(Collector):
         if e is None:
             return
         yield from self._always(e)
-        yield from peerdetail.families(e.detail, e.choice.exported, e.labels, e.cur, e.peer_buckets)
+        yield from e.peers
 
     def _always(self, e: Export) -> Iterator[Metric]:
         """Every family outside the budget's cut (they hold the totals)."""

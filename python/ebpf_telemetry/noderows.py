@@ -7,7 +7,8 @@ loop over the peers (16,384 of them at most).
 - rtt_hist_map rows (2 KiB each) are read only for the nodes whose RTT
   counters moved: every node with samples for a first reading (`first`), the
   nodes that moved since the reader's previous reading after that (the
-  agent's cycle, NodeReader.take).
+  agent's cycle, NodeReader.take), a block at a time: one look-up per row
+  where few moved, one batch look-up of the block where many did (read_rows).
 
 A NodeReader keeps the low 32 bits of every histogram row it read
 (lowwords.py: 4 MiB at 16,384 peers with samples): the window's histogram of
@@ -80,15 +81,15 @@ class MetricRows(Mapping[int, NodeMetrics]):
 @dataclass(frozen=True, eq=False)
 class HistRows(Mapping[int, Hist]):
     """node id -> RTT histogram of one reading: the host's, the rows read
-    (`ids`, sorted, and `rows`); for a reader's readings the rows not read
-    come from the reader (NodeReader.row_at), and `since` holds what was
-    added to the rows read since the reader's previous reading (their low
-    words less those of then, modulo 2^32)."""
+    (`ids`, sorted, and `rows`: a first reading's); for a reader's readings
+    (no `rows`) every row comes from the reader (NodeReader.row_at), and
+    `since` holds what was added to the rows read since the reader's
+    previous reading (their low words less those of then, modulo 2^32)."""
 
     nodes: int
     host: Hist
     ids: IdArray
-    rows: U64Array
+    rows: U64Array | None  # None: a reader's reading (its rows are row_at())
     seq: int = 0  # the reader's reading number; 0: not a reader's
     base: int = 0  # the reader's reading before this one; 0: none
     since: npt.NDArray[np.uint32] | None = None
@@ -105,7 +106,7 @@ class HistRows(Mapping[int, Hist]):
         if node == 0:
             return self.host
         i = self.position(node)
-        if i is not None:
+        if i is not None and self.rows is not None:
             return _hist(self.rows[i])
         if self.reader is None:  # a first reading read every row with samples
             return Hist.empty()
@@ -141,9 +142,10 @@ def _hist(row: Any) -> Hist:
     return Hist(tuple(row.tolist())) if row.any() else Hist.empty()
 
 
-def lookup_rows(m: PinnedMap, ids: IdArray) -> U64Array:
-    """The rows of ids of a (non-per-CPU) array of struct hist: one C loop of look-ups."""
-    out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint64)
+def lookup_rows(m: PinnedMap, ids: IdArray, into: U64Array | None = None) -> U64Array:
+    """The rows of ids of a (non-per-CPU) array of struct hist: one C loop of
+    look-ups (into `into`, C-contiguous, len(ids) rows, if given)."""
+    out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint64) if into is None else into
     if len(ids):
         keys = np.ascontiguousarray(ids, dtype=np.uint32)
         err = lib.ebt_lookup_rows(
@@ -156,6 +158,71 @@ def lookup_rows(m: PinnedMap, ids: IdArray) -> U64Array:
         if err < 0:
             raise BpfError(f"look-up in {m.path}", err)
     return out
+
+
+BLOCK = 512  # ids a batch read covers (1 MiB of rows)
+DENSE = 2  # a block where more than BLOCK // DENSE rows moved is read in one batch
+ENOTSUPP = 524  # the kernel's: no batch look-up for this map
+
+
+def read_rows(m: PinnedMap, ids: IdArray, out: U64Array | None = None) -> U64Array:
+    """lookup_rows(m, ids) (ids sorted, no repeats), the same rows read the
+    cheaper way per block of BLOCK ids: one look-up per row where few moved
+    (~2 us each here), one batch look-up from the block's first moved id to
+    its last where more than BLOCK // DENSE did (~1 us a row, moved or not):
+    a busy node whose every peer moves reads its rows 2x faster. Into
+    out[:len(ids)] if given (a buffer kept across readings)."""
+    rows = np.empty((len(ids), MAX_SLOTS), dtype=np.uint64) if out is None else out[: len(ids)]
+    block = ids // BLOCK
+    edge = np.flatnonzero(np.diff(block)) + 1
+    starts, ends = np.r_[0, edge], np.r_[edge, len(ids)]
+    runs = zip(starts.tolist(), ends.tolist(), strict=True)  # the ids of each block
+    dense = [(a, b) for a, b in runs if b - a > BLOCK // DENSE]
+    if not dense:
+        return lookup_rows(m, ids, rows)
+    sparse = np.ones(len(ids), dtype=np.bool_)
+    span: U64Array | None = None
+    for a, b in dense:  # from the block's first moved id to its last
+        first, last = int(ids[a]), int(ids[b - 1])
+        n = last - first + 1
+        whole = b - a == n  # every row between moved: read into place
+        if whole:
+            into = rows[a:b]
+        else:
+            span = np.empty((BLOCK, MAX_SLOTS), dtype=np.uint64) if span is None else span
+            into = span[:n]
+        if not _batch(m, first, into):  # no batch look-up: one by one
+            return lookup_rows(m, ids, rows)
+        if not whole:
+            rows[a:b] = into[ids[a:b] - first]
+        sparse[a:b] = False
+    if sparse.any():
+        rows[sparse] = lookup_rows(m, ids[sparse])
+    return rows
+
+
+def _batch(m: PinnedMap, first: int, out: U64Array) -> bool:
+    """The rows first .. first + len(out) - 1 of an array into out, by batch
+    look-ups (BPF_MAP_LOOKUP_BATCH on arrays: 5.6); False: not supported."""
+    n = len(out)
+    keys = ffi.new("__u32[]", n)
+    prev, nxt = ffi.new("__u32 *", max(first - 1, 0)), ffi.new("__u32 *")
+    opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+    got = 0
+    while got < n:  # in_batch: the key before the first wanted (NULL: from key 0)
+        cnt = ffi.new("__u32 *", n - got)
+        vals = ffi.from_buffer(out[got:])
+        start = prev if first + got > 0 else ffi.NULL
+        err = 0
+        if lib.bpf_map_lookup_batch(m.fd, start, nxt, keys, vals, cnt, opts) < 0:
+            err = ffi.errno
+            if err in (ENOTSUPP, 22) and got == 0:  # EINVAL: no batch op either
+                return False
+        if (err and err != 2) or cnt[0] == 0 or keys[0] != first + got:  # ENOENT: the end
+            raise BpfError(f"batch look-up of {first + got} in {m.path}", err or 5)
+        got += int(cnt[0])
+        prev[0] = nxt[0]
+    return True
 
 
 class MetricsView:
@@ -231,7 +298,7 @@ def first(pins: Any) -> tuple[MetricRows, HistRows]:
     finally:
         view.close()
     ids = moved(metrics, None)
-    rows = lookup_rows(hists, ids)
+    rows = read_rows(hists, ids)
     host = host_hist(pins["rtt_host_hist_map"])
     return MetricRows(metrics), HistRows(len(metrics), host, ids, rows)
 
@@ -250,38 +317,47 @@ class NodeReader:
         self.low = LowWords(n)
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
         self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
+        self.buf = np.zeros((self.CHUNK, MAX_SLOTS), dtype=np.uint64)  # rows being read
 
-    CHUNK = 1024  # rows of a first reading read at a time
+    CHUNK = 1024  # rows read and converted at a time: 2 MiB of u64, whatever moved
 
     def take(self) -> tuple[MetricRows, HistRows]:
         metrics = self.view.read()
         ids = moved(metrics, self.last)
-        if self.last is None:  # keep the low words only: no copy of every row
-            self._first(ids)
-            ids = ids[:0]
-        rows = lookup_rows(self.pins["rtt_hist_map"], ids)
         base, self.seq = self.seq, self.seq + 1
-        low = rows.astype(np.uint32)
         since: npt.NDArray[np.uint32] | None = None
         if base:
-            since = self.low.advance(ids, low)  # modulo 2^32
-        else:
-            self.low.put(ids, low)
+            since = self._advance(ids)
+        else:  # keep the low words only: no copy of every row
+            for a in range(0, len(ids), self.CHUNK):
+                part = ids[a : a + self.CHUNK]
+                self.low.put(part, read_rows(self.pins["rtt_hist_map"], part, self.buf))
+            ids = ids[:0]
         self.read_at[ids] = self.seq
         self.last = metrics
         host = host_hist(self.pins["rtt_host_hist_map"])
         return MetricRows(metrics), HistRows(
-            len(metrics), host, ids, rows, self.seq, base, since, self
+            len(metrics), host, ids, None, self.seq, base, since, self
         )
 
-    def _first(self, ids: IdArray) -> None:
+    def _advance(self, ids: IdArray) -> npt.NDArray[np.uint32]:
+        """What was added to the rows of ids since the last reading (u32),
+        read CHUNK rows at a time: the u64 rows are not kept (a row of this
+        reading is row_at()), so a reading where all 16,384 peers moved
+        holds 16 MiB of what was added, not 48 MiB more of rows."""
+        hm, buf = self.pins["rtt_hist_map"], self.buf
+        if len(ids) <= self.CHUNK:
+            return self.low.advance(ids, read_rows(hm, ids, buf))
+        since = np.empty((len(ids), MAX_SLOTS), dtype=np.uint32)
         for a in range(0, len(ids), self.CHUNK):
             part = ids[a : a + self.CHUNK]
-            self.low.put(part, lookup_rows(self.pins["rtt_hist_map"], part))
+            self.low.advance(part, read_rows(hm, part, buf), since[a : a + len(part)])
+        return since
 
     def row_at(self, node: int, seq: int) -> U64Array:
-        """node's row as it was at reading seq (which did not read it): now,
-        less what was added since (whose low words differ from ours)."""
+        """node's row as it was at reading seq (the last to read it, or one
+        after that): now, less what was added since (whose low words differ
+        from ours)."""
         if self.read_at[node] > seq:
             raise SupersededError(
                 f"node {node}: its row was read again after reading {seq}; "
