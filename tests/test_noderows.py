@@ -250,6 +250,7 @@ def _write(pins: Any, ids: np.ndarray, hists: np.ndarray) -> None:
         pins["node_metrics_map"].update(key, ffi.from_buffer(metrics[j]))
 
 
+@pytest.mark.matrix  # batch look-ups of arrays: 5.6
 def test_rows_read_by_blocks_equal_the_rows_looked_up(make_config: Any) -> None:
     """read_rows (a batch look-up where most of a block moved, a look-up a row
     elsewhere) gives lookup_rows' rows for every pattern of ids: every peer

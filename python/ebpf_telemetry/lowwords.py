@@ -6,7 +6,9 @@ A peer's RTT spans a few octaves, not the 256 slots of a row (32 octaves of 8
 sub-buckets): each row is kept as the WIDTH slots around its nonzero low
 words (4 B x WIDTH a peer: 4 MiB at 16,384 peers, a quarter of whole rows), and
 a row whose nonzero low words span more than WIDTH slots is kept whole in
-`wide`. A slot outside the kept ones is 0 modulo 2^32: exact either way.
+`wide` (its start -1). A slot outside the kept ones is 0 modulo 2^32: exact
+either way. advance(), once per moved row and interval, is one C pass
+(_build_libbpf.py's ebt_advance_rows); get() and put() are numpy.
 """
 
 from __future__ import annotations
