@@ -250,10 +250,13 @@ def test_delay_line_adds_configured_delay(
                     diag = sock_diag_rtts(a)[res.local, res.remote]
                     assert abs(diag - res.rtt_us) <= 100
                     assert res.info.min_rtt_us >= 2 * delay_s * 1e6
-                    rtts.append(res.rtt_us)
-    # The median of three connections: one connection's srtt can be pushed
-    # up by a scheduling hiccup of the (non-real-time) client or server.
-    assert abs(statistics.median(rtts) - 2 * delay_s * 1e6) < 1500, rtts
+                    rtts.append(res.info.min_rtt_us)
+    # The least RTT of each connection's 20 round trips (the delay and the
+    # least processing), the median of three connections: a connection's
+    # smoothed RTT is pushed up by a scheduling hiccup of the (non-real-time)
+    # delay line, client or server on a loaded host (CI saw a median srtt of
+    # 5.6 ms for 4 ms of delay). The delay line's own lateness is checked below.
+    assert 0 <= statistics.median(rtts) - 2 * delay_s * 1e6 < 1500, rtts
     for label, st in dl.stats.items():
         assert st.forwarded > 40, (label, st)
         assert st.dropped == st.write_errors == 0, (label, st)

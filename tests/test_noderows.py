@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agentlab import EventDrain, attach, peer_id
 from ebpf_telemetry import config, layout, lowwords, noderows
-from ebpf_telemetry.binding import ffi, lib
+from ebpf_telemetry.binding import TelemetryError, ffi, lib
 from ebpf_telemetry.histogram import MAX_SLOTS, quantiles, quantiles_rows, value_to_slot
 from ebpf_telemetry.metrics import TelemetryCollector
 from ebpf_telemetry.snapshot import HOST, Snapshot, Window, take
@@ -251,13 +251,16 @@ def _write(pins: Any, ids: np.ndarray, hists: np.ndarray) -> None:
 
 
 @pytest.mark.matrix  # batch look-ups of arrays: 5.6
-def test_rows_read_by_blocks_equal_the_rows_looked_up(make_config: Any) -> None:
+def test_rows_read_by_blocks_equal_the_rows_looked_up(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """read_rows (a batch look-up where most of a block moved, a look-up a row
     elsewhere) gives lookup_rows' rows for every pattern of ids: every peer
     to the table's last (a part block at the end), a few, most of a block
     with gaps, runs across block edges. Then a NodeReader's reading where
     every peer moved, narrow and wide rows, slots past 2^32: what it says
-    was added, and each row as of it, against the rows written."""
+    was added, and each row as of it, against the rows written; a reading
+    that fails halfway leaves the reader refusing, not undercounting."""
     n = 3 * noderows.BLOCK + 100
     rng = np.random.default_rng(5)
     ids = np.arange(1, n + 1, dtype=np.int64)  # not `other` (n + 1): this machine's traffic
@@ -299,8 +302,41 @@ def test_rows_read_by_blocks_equal_the_rows_looked_up(make_config: Any) -> None:
                 assert s1.hist(i).slots == tuple((hists[i - 1] + added[i - 1]).tolist())
             with pytest.raises(noderows.SupersededError):  # s1 read every row again
                 s0.hist(1)
+            _write(pins, ids, hists + 2 * added)  # a reading that fails after its first chunk
+            calls = iter([True, False])
+
+            def fail_second(*args: Any) -> np.ndarray:
+                if not next(calls, False):
+                    raise OSError("the second chunk")
+                return real(*args)
+
+            real = noderows.read_rows
+            with monkeypatch.context() as m:
+                m.setattr(noderows, "read_rows", fail_second)
+                with pytest.raises(OSError):
+                    take(pins, reader)
+            with pytest.raises(TelemetryError, match="failed halfway"):  # not undercounted
+                take(pins, reader)
         finally:
             reader.close()
+
+
+def test_chunks_hold_whole_blocks() -> None:
+    """A run of moved ids is cut where a block begins (a block's batch read is
+    never split), each at most CHUNK ids, all of them once, in order."""
+    b, size = noderows.BLOCK, noderows.NodeReader.CHUNK
+    rng = np.random.default_rng(3)
+    for ids in (
+        np.arange(1, 16385),
+        np.sort(rng.choice(np.arange(1, 16385), 1024, replace=False)),
+        np.sort(rng.choice(np.arange(1, 16385), 5000, replace=False)),
+        np.arange(b - 3, b + 3),
+        np.arange(0),
+    ):
+        runs = list(noderows.chunks(ids, size))
+        assert [i for a, c in runs for i in ids[a:c]] == ids.tolist()
+        assert all(0 < c - a <= size for a, c in runs)
+        assert all(ids[c - 1] // b != ids[c] // b for _, c in runs[:-1])
 
 
 def test_a_scrape_after_the_next_reading_shows_the_interval_exported(make_config: Any) -> None:

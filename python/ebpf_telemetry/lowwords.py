@@ -76,7 +76,8 @@ class LowWords:
         moves: the common case); put() for the others."""
         rows = np.ascontiguousarray(rows, dtype=np.uint64)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if rows.shape != (len(ids), MAX_SLOTS) or (len(ids) and ids.max() >= len(self.start)):
+        inside = not len(ids) or (ids.min() >= 0 and ids.max() < len(self.start))
+        if rows.shape != (len(ids), MAX_SLOTS) or not inside:
             raise ValueError(f"{len(ids)} rows of {MAX_SLOTS} slots of ids < {len(self.start)}")
         if out is None:
             out = np.empty((len(ids), MAX_SLOTS), dtype=np.uint32)

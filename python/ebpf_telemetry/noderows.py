@@ -146,6 +146,7 @@ def lookup_rows(m: PinnedMap, ids: IdArray, into: U64Array | None = None) -> U64
     """The rows of ids of a (non-per-CPU) array of struct hist: one C loop of
     look-ups (into `into`, C-contiguous, len(ids) rows, if given)."""
     out = np.zeros((len(ids), MAX_SLOTS), dtype=np.uint64) if into is None else into
+    _check_rows(out, len(ids))
     if len(ids):
         keys = np.ascontiguousarray(ids, dtype=np.uint32)
         err = lib.ebt_lookup_rows(
@@ -158,6 +159,12 @@ def lookup_rows(m: PinnedMap, ids: IdArray, into: U64Array | None = None) -> U64
         if err < 0:
             raise BpfError(f"look-up in {m.path}", err)
     return out
+
+
+def _check_rows(rows: U64Array, n: int) -> None:
+    """rows must hold n rows where C writes them: u64, C-contiguous, n x MAX_SLOTS."""
+    if rows.dtype != np.uint64 or not rows.flags.c_contiguous or rows.shape != (n, MAX_SLOTS):
+        raise ValueError(f"{n} C-contiguous rows of {MAX_SLOTS} u64 expected, not {rows.shape}")
 
 
 BLOCK = 512  # ids a batch read covers (1 MiB of rows)
@@ -173,6 +180,7 @@ def read_rows(m: PinnedMap, ids: IdArray, out: U64Array | None = None) -> U64Arr
     a busy node whose every peer moves reads its rows 2x faster. Into
     out[:len(ids)] if given (a buffer kept across readings)."""
     rows = np.empty((len(ids), MAX_SLOTS), dtype=np.uint64) if out is None else out[: len(ids)]
+    _check_rows(rows, len(ids))
     block = ids // BLOCK
     edge = np.flatnonzero(np.diff(block)) + 1
     starts, ends = np.r_[0, edge], np.r_[edge, len(ids)]
@@ -199,6 +207,20 @@ def read_rows(m: PinnedMap, ids: IdArray, out: U64Array | None = None) -> U64Arr
     if sparse.any():
         rows[sparse] = lookup_rows(m, ids[sparse])
     return rows
+
+
+def chunks(ids: IdArray, size: int) -> Iterator[tuple[int, int]]:
+    """ids (sorted) cut into runs [a, b) of at most size ids (size >= BLOCK),
+    cut where a block of BLOCK ids begins: a block read in one batch is never
+    split between two runs (the moved rows of 16,384 peers: 16 runs of
+    about 1,024; of a sixteenth of them: one run)."""
+    a = 0
+    while a < len(ids):
+        b = min(a + size, len(ids))
+        if b < len(ids):  # back to where ids[b]'s block begins, if after a
+            b = max(int(np.searchsorted(ids, ids[b] // BLOCK * BLOCK)), a + 1)
+        yield a, b
+        a = b
 
 
 def _batch(m: PinnedMap, first: int, out: U64Array) -> bool:
@@ -318,21 +340,27 @@ class NodeReader:
         self.read_at = np.zeros(n, dtype=np.int64)  # node -> the reading that last read it
         self.names = PeerNames()  # peer_info_map's labels, decoded when a row changes
         self.buf = np.zeros((self.CHUNK, MAX_SLOTS), dtype=np.uint64)  # rows being read
+        self.broken = False  # a reading failed halfway (its low words part advanced)
 
     CHUNK = 1024  # rows read and converted at a time: 2 MiB of u64, whatever moved
 
     def take(self) -> tuple[MetricRows, HistRows]:
+        if self.broken:
+            raise TelemetryError("a reading of this NodeReader failed halfway: make a new one")
         metrics = self.view.read()
         ids = moved(metrics, self.last)
         base, self.seq = self.seq, self.seq + 1
         since: npt.NDArray[np.uint32] | None = None
-        if base:
-            since = self._advance(ids)
-        else:  # keep the low words only: no copy of every row
-            for a in range(0, len(ids), self.CHUNK):
-                part = ids[a : a + self.CHUNK]
-                self.low.put(part, read_rows(self.pins["rtt_hist_map"], part, self.buf))
-            ids = ids[:0]
+        try:  # the low words advance a chunk at a time: a failure leaves them part new
+            if base:
+                since = self._advance(ids)
+            else:  # keep the low words only: no copy of every row
+                for a, b in chunks(ids, self.CHUNK):
+                    self.low.put(ids[a:b], read_rows(self.pins["rtt_hist_map"], ids[a:b], self.buf))
+                ids = ids[:0]
+        except BaseException:
+            self.broken = True
+            raise
         self.read_at[ids] = self.seq
         self.last = metrics
         host = host_hist(self.pins["rtt_host_hist_map"])
@@ -349,9 +377,8 @@ class NodeReader:
         if len(ids) <= self.CHUNK:
             return self.low.advance(ids, read_rows(hm, ids, buf))
         since = np.empty((len(ids), MAX_SLOTS), dtype=np.uint32)
-        for a in range(0, len(ids), self.CHUNK):
-            part = ids[a : a + self.CHUNK]
-            self.low.advance(part, read_rows(hm, part, buf), since[a : a + len(part)])
+        for a, b in chunks(ids, self.CHUNK):
+            self.low.advance(ids[a:b], read_rows(hm, ids[a:b], buf), since[a:b])
         return since
 
     def row_at(self, node: int, seq: int) -> U64Array:
