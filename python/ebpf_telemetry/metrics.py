@@ -66,11 +66,8 @@ class Export:
     host: list[Metric]  # the host's RTT families, rendered once
     sched: list[Metric]  # the scheduler's families, rendered once
     choice: budget.Choice  # the peers with per-peer series
-    labels: dict[int, dict[str, str]]  # node id -> node, peer, peer_zone
     zones: list[Metric]  # the zone families, rendered
     drops: list[tuple[str, int]]  # reason -> count, within max_series (dropreasons.py)
-    detail: str  # peer_detail
-    peer_buckets: Buckets
     peers: list[Metric] = field(default_factory=list)  # the exported peers' families, rendered
 
 
@@ -128,11 +125,8 @@ class TelemetryCollector(Collector):
             list(self._host_rtt(window.cur, p50, p99)),
             list(self._sched(window.cur, window.cpu_utilization)),
             budget.Choice([], 0),
-            {},
             [],
             [],
-            self.detail,
-            self.peer_buckets,
         )
         others = count_samples(self._always(unchosen)) + 1  # + a source's first sync
         one_zone = ZoneTotals.samples_per_zone(self.host_buckets)
@@ -156,7 +150,7 @@ class TelemetryCollector(Collector):
         rendered = peerdetail.families(
             self.detail, choice.exported, labels, window.cur, self.peer_buckets
         )
-        self.export = replace(unchosen, labels=labels, choice=choice, peers=list(rendered))
+        self.export = replace(unchosen, choice=choice, peers=list(rendered))
         self._note_over(always)
 
     def _note_over(self, always: int) -> None:

@@ -181,11 +181,7 @@ def read_rows(m: PinnedMap, ids: IdArray, out: U64Array | None = None) -> U64Arr
     out[:len(ids)] if given (a buffer kept across readings)."""
     rows = np.empty((len(ids), MAX_SLOTS), dtype=np.uint64) if out is None else out[: len(ids)]
     _check_rows(rows, len(ids))
-    block = ids // BLOCK
-    edge = np.flatnonzero(np.diff(block)) + 1
-    starts, ends = np.r_[0, edge], np.r_[edge, len(ids)]
-    runs = zip(starts.tolist(), ends.tolist(), strict=True)  # the ids of each block
-    dense = [(a, b) for a, b in runs if b - a > BLOCK // DENSE]
+    dense = [(a, b) for a, b in _blocks(ids) if b - a > BLOCK // DENSE]
     if not dense:
         return lookup_rows(m, ids, rows)
     sparse = np.ones(len(ids), dtype=np.bool_)
@@ -209,18 +205,24 @@ def read_rows(m: PinnedMap, ids: IdArray, out: U64Array | None = None) -> U64Arr
     return rows
 
 
+def _blocks(ids: IdArray) -> list[tuple[int, int]]:
+    """ids (sorted) as runs [a, b), one per block of BLOCK ids they fall in."""
+    edge = (np.flatnonzero(np.diff(ids // BLOCK)) + 1).tolist()
+    return list(zip([0, *edge], [*edge, len(ids)], strict=True)) if len(ids) else []
+
+
 def chunks(ids: IdArray, size: int) -> Iterator[tuple[int, int]]:
     """ids (sorted) cut into runs [a, b) of at most size ids (size >= BLOCK),
-    cut where a block of BLOCK ids begins: a block read in one batch is never
-    split between two runs (the moved rows of 16,384 peers: 16 runs of
-    about 1,024; of a sixteenth of them: one run)."""
+    whole blocks each: a block read in one batch is never split between two
+    runs (the moved rows of 16,384 peers: 16 runs of about 1,024; of a
+    sixteenth of them: one run)."""
     a = 0
-    while a < len(ids):
-        b = min(a + size, len(ids))
-        if b < len(ids):  # back to where ids[b]'s block begins, if after a
-            b = max(int(np.searchsorted(ids, ids[b] // BLOCK * BLOCK)), a + 1)
-        yield a, b
-        a = b
+    for start, end in _blocks(ids):
+        if end - a > size and start > a:  # this block starts the next run
+            yield a, start
+            a = start
+    if a < len(ids):
+        yield a, len(ids)
 
 
 def _batch(m: PinnedMap, first: int, out: U64Array) -> bool:
